@@ -1,0 +1,1 @@
+"""Stencil: structured generation and constrained decoding for LLMs."""
