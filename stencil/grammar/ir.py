@@ -116,6 +116,22 @@ class Ref(Expr):
     name: str
 
 
+@dataclass(frozen=True)
+class Automaton(Expr):
+    """A finite automaton whose edges read sub-expressions: states ``0..n_states-1``, start state 0.
+
+    ``edges`` holds ``(source, label, target)`` triples, where ``label`` is any expression (rule
+    references included); ``finals`` are the accepting states. The language is the union, over paths
+    from 0 to a final state, of the concatenated labels. Frontends use it for languages that an
+    expression tree states only at exponential size (automaton products, counters, optional
+    comma-separated members).
+    """
+
+    n_states: int
+    edges: tuple[tuple[int, Expr, int], ...]
+    finals: tuple[int, ...]
+
+
 EMPTY = Seq(())
 NOTHING = Alt(())
 
@@ -363,6 +379,16 @@ class _Lowering:
                 nfa.add(s, 0, 0, _EPS, end)
                 s = self.lower(e.body, s)
             nfa.add(s, 0, 0, _EPS, end)
+            return end
+        if isinstance(e, Automaton):
+            # Labels never add edges into their start state, so they can share the node states.
+            nodes = [nfa.new() for _ in range(e.n_states)]
+            nfa.add(s, 0, 0, _EPS, nodes[0])
+            end = nfa.new()
+            for p, label, q in e.edges:
+                nfa.add(self.lower(label, nodes[p]), 0, 0, _EPS, nodes[q])
+            for f in e.finals:
+                nfa.add(nodes[f], 0, 0, _EPS, end)
             return end
         if isinstance(e, Special):
             if e.name not in self.specials:
@@ -713,6 +739,15 @@ def format_expr(e: Expr, top: bool = True) -> str:
         if e.lo == e.hi:
             return f"{inner}{{{e.lo}}}"
         return f"{inner}{{{e.lo},{e.hi}}}"
+    if isinstance(e, Automaton):
+        # EBNF has no inline automata: print the right-linear rules as a bracketed block that reads
+        # "state: label -> target | ...", final states marked with '*'.
+        states = []
+        for q in range(e.n_states):
+            arms = [f"{format_expr(label, True)} -> {t}" for p, label, t in e.edges if p == q]
+            mark = "*" if q in e.finals else ""
+            states.append(f"{q}{mark}: {' | '.join(arms) or '()'}")
+        return "automaton{ " + "; ".join(states) + " }"
     raise TypeError(f"not a grammar expression: {e!r}")
 
 
@@ -772,6 +807,9 @@ def _refs(e: Expr) -> Iterable[str]:
             yield from _refs(x)
     elif isinstance(e, Repeat):
         yield from _refs(e.body)
+    elif isinstance(e, Automaton):
+        for _, label, _ in e.edges:
+            yield from _refs(label)
 
 
 def _reachable(rules: dict[str, Expr], root: str) -> list[str]:
