@@ -42,6 +42,7 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -108,6 +109,20 @@ def _byte_level_decode_table() -> dict[int, str]:
             table[b] = "\uffff"
             moved += 1
     return table
+
+
+def _decode_pieces(pieces: list[str], vocab_type: VocabType) -> list[bytes]:
+    """:func:`_decode_piece` over many pieces; byte-level ones go through one ``translate`` call."""
+    if vocab_type is VocabType.BYTE_LEVEL:
+        try:
+            # Every byte-level character is one byte, so character offsets are byte offsets.
+            data = "".join(pieces).translate(_byte_level_decode_table()).encode("latin-1")
+        except UnicodeEncodeError:
+            pass  # some piece is literal text: decode them one by one
+        else:
+            ends = list(itertools.accumulate(map(len, pieces)))
+            return [data[a:b] for a, b in zip([0] + ends, ends)]
+    return [_decode_piece(p, vocab_type) for p in pieces]
 
 
 def _decode_piece(piece: str, vocab_type: VocabType) -> bytes:
@@ -233,20 +248,20 @@ class TokenizerInfo:
         specials.update(stops)
 
         decoded: list[bytes] = [b""] * vocab_size
+        str_ids: list[int] = []
         for i, piece in enumerate(encoded_vocab):
             if piece is None or i in specials:
                 continue
-            if isinstance(piece, (bytes, bytearray, memoryview)):
-                b = bytes(piece)
-            elif isinstance(piece, str):
-                b = _decode_piece(piece, vt)
+            if isinstance(piece, str):
+                str_ids.append(i)
+            elif isinstance(piece, (bytes, bytearray, memoryview)):
+                decoded[i] = bytes(piece)
             else:
                 raise TokenizerError(f"token {i}: expected bytes, str or None, got {type(piece).__name__}")
-            if b:
-                decoded[i] = b
-            else:
-                # A token that adds no bytes cannot be constrained by text: match it by id only.
-                specials.add(i)
+        for i, b in zip(str_ids, _decode_pieces([encoded_vocab[i] for i in str_ids], vt)):
+            decoded[i] = b
+        # A token that adds no bytes cannot be constrained by text: match it by id only.
+        specials.update(i for i, b in enumerate(decoded[:n]) if not b and i not in hole_set)
 
         names: dict[str, int] = {}
         for i in sorted(specials):
