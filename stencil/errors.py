@@ -45,3 +45,13 @@ class SchemaError(StencilError, ValueError):
 
 class ParserLimitError(StencilError, RuntimeError):
     """The recognizer hit an explicit limit (items per row, total work) instead of stalling."""
+
+
+class TokenSelectError(StencilError, ValueError):
+    """Token-level sparse attention cannot run as asked: an invalid ``TokenSelectConfig`` (``field`` names the
+    offending setting) or a model / attention call it does not support."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        self.message = message
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
