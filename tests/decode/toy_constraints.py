@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
-from fractions import Fraction
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -177,29 +176,45 @@ class ToyModel:
         return torch.tensor(np.stack([self.logits(p) for p in prefixes]))
 
 
-def chi2_pvalue(observed: Sequence[float], expected: Sequence[float], min_expected: float = 5.0) -> float:
-    """Pearson χ² goodness-of-fit p-value; cells with small expectation are pooled first.
+def _chi2_sf(stat: float, dof: int) -> float:
+    """Survival function of χ²(dof): the regularized upper incomplete gamma Q(dof/2, stat/2)."""
+    if dof < 1:
+        return 1.0
+    q = torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    return float(q)
 
-    The survival function of χ²(k) is the regularized upper incomplete gamma Q(k/2, x/2).
-    """
+
+def chi2_pvalue(observed: Sequence[float], expected: Sequence[float], min_expected: float = 5.0) -> float:
+    """Pearson χ² goodness-of-fit p-value; cells expected below ``min_expected`` are pooled."""
     obs = np.asarray(observed, dtype=np.float64)
     exp = np.asarray(expected, dtype=np.float64)
-    if exp.sum() <= 0 or obs.sum() != round(exp.sum()) and not math.isclose(obs.sum(), exp.sum(), rel_tol=1e-9):
+    if not math.isclose(obs.sum(), exp.sum(), rel_tol=1e-6):
         raise ValueError(f"observed total {obs.sum()} differs from expected total {exp.sum()}")
     if np.any((exp == 0) & (obs > 0)):
         return 0.0
-    keep = exp >= min_expected
-    cells_o = list(obs[keep])
-    cells_e = list(exp[keep])
-    if (~keep).any() and exp[~keep].sum() > 0:
-        cells_o.append(obs[~keep].sum())
-        cells_e.append(exp[~keep].sum())
-    o, e = np.array(cells_o), np.array(cells_e)
-    stat = float(((o - e) ** 2 / e).sum())
-    dof = len(o) - 1
-    if dof < 1:
-        return 1.0
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    small = exp < min_expected
+    o = np.append(obs[~small], obs[small].sum())
+    e = np.append(exp[~small], exp[small].sum())
+    o, e = o[e > 0], e[e > 0]
+    return _chi2_sf(float(((o - e) ** 2 / e).sum()), len(o) - 1)
+
+
+def chi2_same_distribution(a: Sequence[float], b: Sequence[float], min_expected: float = 5.0) -> float:
+    """χ² test of homogeneity of two count vectors over the same cells (p-value)."""
+    ca = np.asarray(a, dtype=np.float64)
+    cb = np.asarray(b, dtype=np.float64)
+    total = ca + cb
+    na, nb = ca.sum(), cb.sum()
+    ea, eb = total * na / (na + nb), total * nb / (na + nb)
+    small = np.minimum(ea, eb) < min_expected
+    ca = np.append(ca[~small], ca[small].sum())
+    cb = np.append(cb[~small], cb[small].sum())
+    ea = np.append(ea[~small], ea[small].sum())
+    eb = np.append(eb[~small], eb[small].sum())
+    keep = (ea > 0) & (eb > 0)
+    ca, cb, ea, eb = ca[keep], cb[keep], ea[keep], eb[keep]
+    stat = float(((ca - ea) ** 2 / ea + (cb - eb) ** 2 / eb).sum())
+    return _chi2_sf(stat, int(keep.sum()) - 1)
 
 
 def enumerate_sequences(
@@ -215,10 +230,3 @@ def enumerate_sequences(
         out.extend(frontier)
     return out
 
-
-def exact_fraction_probs(weights: Sequence[int]) -> list[Fraction]:
-    total = sum(weights)
-    return [Fraction(w, total) for w in weights]
-
-
-Check = Callable[[int], bool]
