@@ -241,6 +241,69 @@ def _use_fused(config: TokenSelectConfig, device: torch.device) -> bool:
     return config.kernel == "fused" or (config.kernel == "auto" and device.type == "cuda")
 
 
+@dataclass
+class _Plan:
+    """What one chunk will do, decided on the device and read back in a single sync."""
+
+    over: torch.Tensor  #: (B,) rows whose candidates exceed the budget
+    hit: torch.Tensor  #: (B,) over rows that reuse their cached top-k set
+    miss: torch.Tensor  #: (B,) over rows that select afresh
+    fingerprint: torch.Tensor  #: (B, Hq*D) float32
+    max_count: int
+    n_hit: int
+    n_miss: int
+
+
+def _plan(q_mean: torch.Tensor, cand: torch.Tensor, config: TokenSelectConfig, chunk: int,
+          cache: LayerCache | None) -> _Plan:
+    batch, n_keys = cand.shape
+    count = cand.sum(dim=1)
+    over = count > config.budget(chunk)
+    fingerprint = q_mean.float().reshape(batch, -1)
+    hit = torch.zeros_like(over)
+    if cache is not None and cache.usable(batch, n_keys, cand.device):
+        cos = torch.nn.functional.cosine_similarity(fingerprint.double(), cache.fingerprint.double(), dim=1)
+        # Rounding can push cos a hair past +-1; clamping keeps threshold -1 meaning "always" (and 1 "identical").
+        hit = over & cache.has_top & (cos.clamp(-1.0, 1.0) >= config.threshold)
+    miss = over & ~hit
+    max_count, n_hit, n_miss = torch.stack([count.max(), hit.sum(), miss.sum()]).tolist()
+    return _Plan(over, hit, miss, fingerprint, max_count, n_hit, n_miss)
+
+
+def _select(plan: _Plan, q_mean: torch.Tensor, key: torch.Tensor, cand: torch.Tensor, *, scaling: float,
+            config: TokenSelectConfig, chunk: int, cache: LayerCache | None) -> torch.Tensor:
+    fixed = kernels.fixed_mask(cand, config.n_sink, config.n_local + chunk - 1)
+    middle = cand & ~fixed
+    # Rows within the budget keep every candidate; the others start from their sinks and window.
+    top = middle & ~plan.over[:, None]
+    if plan.n_miss:
+        score = kernels.score_fused if _use_fused(config, cand.device) else kernels.score_reference
+        fresh = kernels.top_k_mask(score(q_mean, key, cand, scaling), middle, config.top_k) & plan.miss[:, None]
+        top |= fresh
+    if plan.n_hit:
+        cached = torch.zeros_like(middle)
+        cached.scatter_(1, cache.top.clamp(min=0), cache.top >= 0)
+        # Cached keys the window has grown over are already kept: intersecting with `middle` counts them once.
+        top |= cached & middle & plan.hit[:, None]
+    if cache is not None:
+        if plan.n_miss:
+            # A missing row's middle exceeds top_k, so it holds exactly top_k fresh keys.
+            fresh_idx, fresh_valid = kernels.compact(fresh, config.top_k)
+            fresh_top = fresh_idx.masked_fill(~fresh_valid, -1)
+            cache.top = fresh_top if cache.top is None else torch.where(plan.hit[:, None], cache.top, fresh_top)
+        cache.has_top = plan.hit | plan.miss
+        cache.fingerprint = plan.fingerprint
+        cache.n_keys = cand.shape[1]
+    return fixed | top
+
+
+def _count(stats: TokenSelectStats | None, plan: _Plan, batch: int) -> None:
+    if stats is not None:
+        stats.hits += plan.n_hit
+        stats.misses += plan.n_miss
+        stats.dense_rows += batch - plan.n_hit - plan.n_miss
+
+
 def select_chunk(
     q_mean: torch.Tensor,
     key: torch.Tensor,
@@ -256,50 +319,12 @@ def select_chunk(
 
     A row whose candidates fit ``config.budget(chunk)`` keeps them all. Otherwise it keeps its sinks and local
     window, plus a top-k set: reused from ``cache`` when the cosine of this fingerprint and the previous one
-    reaches ``config.threshold`` (cached keys now inside the window are not counted twice), or else the
-    ``top_k`` best-scoring keys outside sinks and window (ties: earlier keys win). ``cache`` is updated.
+    reaches ``config.threshold``, or else the ``top_k`` best-scoring keys outside sinks and window (ties: earlier
+    keys win). ``cache`` is updated.
     """
-    batch, n_keys = cand.shape
-    fixed = kernels.fixed_mask(cand, config.n_sink, config.n_local + chunk - 1)
-    middle = cand & ~fixed
-    over = cand.sum(dim=1) > config.budget(chunk)
-    fingerprint = q_mean.float().reshape(batch, -1)
-
-    hit = torch.zeros_like(over)
-    if cache is not None and cache.usable(batch, n_keys, cand.device):
-        cos = torch.nn.functional.cosine_similarity(fingerprint.double(), cache.fingerprint.double(), dim=1)
-        # Rounding can push cos a hair past +-1; clamping keeps threshold -1 meaning "always" (and 1 "identical").
-        hit = over & cache.has_top & (cos.clamp(-1.0, 1.0) >= config.threshold)
-    miss = over & ~hit
-
-    top = torch.where(over[:, None], torch.zeros_like(middle), middle)
-    fresh = None
-    if bool(miss.any()):
-        score = kernels.score_fused if _use_fused(config, cand.device) else kernels.score_reference
-        fresh = kernels.top_k_mask(score(q_mean, key, cand, scaling), middle, config.top_k)
-        top |= fresh & miss[:, None]
-    if cache is not None and bool(hit.any()):
-        cached = torch.zeros_like(middle)
-        cached.scatter_(1, cache.top.clamp(min=0), cache.top >= 0)
-        top |= cached & middle & hit[:, None]
-
-    if cache is not None:
-        if fresh is not None:
-            fresh_idx, fresh_valid = kernels.compact(fresh & miss[:, None])
-            new_top = torch.full((batch, config.top_k), -1, dtype=torch.long, device=cand.device)
-            width = min(fresh_idx.shape[1], config.top_k)
-            new_top[:, :width] = fresh_idx[:, :width].masked_fill(~fresh_valid[:, :width], -1)
-            cache.top = new_top if cache.top is None or not hit.any() else torch.where(hit[:, None], cache.top, new_top)
-        cache.has_top = hit | miss
-        cache.fingerprint = fingerprint
-        cache.n_keys = n_keys
-
-    if stats is not None:
-        n_hit, n_miss = int(hit.sum()), int(miss.sum())
-        stats.hits += n_hit
-        stats.misses += n_miss
-        stats.dense_rows += batch - n_hit - n_miss
-    return fixed | top
+    plan = _plan(q_mean, cand, config, chunk, cache)
+    _count(stats, plan, cand.shape[0])
+    return _select(plan, q_mean, key, cand, scaling=scaling, config=config, chunk=chunk, cache=cache)
 
 
 def sparse_attention(
@@ -317,9 +342,9 @@ def sparse_attention(
     """TokenSelect attention of ``query`` ``(B, Hq, Q, D)`` over ``key``/``value`` ``(B, Hkv, K, D)``.
 
     ``attention_mask`` is what transformers passes to SDPA (see :class:`_Visibility`); a selected key is attended
-    only where it allows, so padding and causality are exact. Queries go in chunks of ``config.prefill_chunk``.
-    Returns ``(B, Hq, Q, Dv)`` in the query dtype. ``record``, when given, receives
-    ``(start, end, idx, valid)`` for each sparse chunk.
+    only where it allows, so padding and causality are exact. Queries go in chunks of ``config.prefill_chunk``;
+    a chunk whose rows all fit the budget is attended densely. Returns ``(B, Hq, Q, Dv)`` in the query dtype.
+    ``record``, when given, receives ``(start, end, idx, valid)`` for each sparse chunk. One host sync per chunk.
     """
     batch, n_q, n_query, _ = query.shape
     n_kv, n_keys = key.shape[1], key.shape[2]
@@ -331,17 +356,17 @@ def sparse_attention(
     for start in range(0, n_query, config.prefill_chunk):
         end = min(start + config.prefill_chunk, n_query)
         q = query[:, :, start:end]
+        q_mean = q.float().mean(dim=2)
         cand = visibility.candidates(start, end)
-        if int(cand.sum(dim=1).max()) <= config.budget(end - start):
+        plan = _plan(q_mean, cand, config, end - start, cache)
+        if plan.max_count <= config.budget(end - start):
             outputs.append(kernels.attend_dense(q, key, value, visibility.dense(start, end), scaling))
             if stats is not None:
                 stats.dense_rows += batch
             continue
-        sel = select_chunk(
-            q.float().mean(dim=2), key, cand, scaling=scaling, config=config, chunk=end - start, cache=cache,
-            stats=stats,
-        )
-        idx, valid = kernels.compact(sel)
+        _count(stats, plan, batch)
+        sel = _select(plan, q_mean, key, cand, scaling=scaling, config=config, chunk=end - start, cache=cache)
+        idx, valid = kernels.compact(sel, min(plan.max_count, config.budget(end - start)))
         if record is not None:
             record.append((start, end, idx, valid))
         outputs.append(attend(q, key, value, idx, valid[:, None, :] & visibility.at(start, end, idx), scaling))

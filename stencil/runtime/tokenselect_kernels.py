@@ -84,15 +84,16 @@ def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Te
     return above | (tied & (tied.cumsum(dim=1) <= room))
 
 
-def compact(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(sel: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a ``(B, K)`` selection mask into sorted indices ``(B, S)`` and a validity mask ``(B, S)``.
 
-    ``S`` is the largest row count; shorter rows are padded with index 0 marked invalid. O(K) per row (a cumsum
-    and a scatter), no sort.
+    ``S`` is ``width`` (which must be >= every row count; passing it saves a device sync) or the largest row count;
+    shorter rows are padded with index 0 marked invalid. O(K) per row (a cumsum and a scatter), no sort.
     """
     batch, n_keys = sel.shape
     counts = sel.sum(dim=1)
-    width = int(counts.max()) if batch else 0
+    if width is None:
+        width = int(counts.max()) if batch else 0
     slot = torch.where(sel, sel.cumsum(dim=1) - 1, width)
     idx = torch.zeros(batch, width + 1, dtype=torch.long, device=sel.device)
     # Unselected keys all land in the spare last slot, which is dropped.
