@@ -1,0 +1,130 @@
+"""GrammarCompiler: user input -> Grammar IR -> a CompiledGrammar bound to one vocabulary.
+
+Each ``compile_*`` method runs one frontend and binds the result to the compiler's
+:class:`~stencil.grammar.vocab.TokenizerInfo`: special tokens the grammar names are resolved to
+ids here, so a misspelt one fails at compile time, not at decode time. Compiled grammars are kept
+in an LRU keyed by the request, so asking twice for the same schema costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from stencil.errors import GrammarError
+from stencil.grammar.ir import Grammar, GrammarBuilder, alt, lit
+from stencil.grammar.vocab import TokenizerInfo
+
+
+@dataclass
+class CompiledGrammar:
+    """A grammar bound to a vocabulary: what a :class:`~stencil.decode.matcher.GrammarMatcher` runs.
+
+    ``special_symbol_of_token[t]`` is the grammar symbol (256 + k) that special token ``t`` stands
+    for, or -1 when the grammar does not name it.
+    """
+
+    grammar: Grammar
+    tokenizer_info: TokenizerInfo
+    special_symbol_of_token: np.ndarray
+    source: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer_info.vocab_size
+
+
+def bind(grammar: Grammar, tokenizer_info: TokenizerInfo, source: str = "") -> CompiledGrammar:
+    """Bind ``grammar`` to ``tokenizer_info``, resolving the special tokens it names."""
+    sym = np.full(tokenizer_info.vocab_size, -1, np.int32)
+    for k, name in enumerate(grammar.special_tokens):
+        if name not in tokenizer_info.special_token_names:
+            known = ", ".join(sorted(tokenizer_info.special_token_names)[:20])
+            raise GrammarError(f"the grammar names special token {name!r}, which this tokenizer lacks (it has: {known}, ...)")
+        sym[tokenizer_info.special_token_names[name]] = 256 + k
+    return CompiledGrammar(grammar, tokenizer_info, sym, source)
+
+
+class GrammarCompiler:
+    """Compiles grammars of every supported kind for one tokenizer, with an LRU of results.
+
+    >>> compiler = GrammarCompiler(TokenizerInfo.from_file("tokenizer.json"))
+    >>> cg = compiler.compile_regex(r"\\d{3}-\\d{4}")
+    """
+
+    def __init__(self, tokenizer_info: TokenizerInfo, *, cache_size: int = 128):
+        self.tokenizer_info = tokenizer_info
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
+
+    def _cached(self, key: tuple, make: Callable[[], Grammar], source: str) -> CompiledGrammar:
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        cg = bind(make(), self.tokenizer_info, source)
+        self._cache[key] = cg
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return cg
+
+    def compile_grammar(self, text: str, *, root: str | None = None, syntax: str = "auto") -> CompiledGrammar:
+        """EBNF/GBNF (``name ::= ...``) or Lark (``name: ...``) text; ``syntax`` is auto, ebnf or lark."""
+        if syntax == "auto":
+            syntax = "ebnf" if "::=" in text else "lark"
+        if syntax == "ebnf":
+            from stencil.grammar.ebnf import ebnf_to_grammar
+
+            return self._cached(("ebnf", text, root), lambda: ebnf_to_grammar(text, root=root or "root"), text)
+        if syntax == "lark":
+            from stencil.grammar.lark import lark_to_grammar
+
+            return self._cached(("lark", text, root), lambda: lark_to_grammar(text, start=root or "start"), text)
+        raise GrammarError(f"unknown grammar syntax {syntax!r}: use 'auto', 'ebnf' or 'lark'")
+
+    def compile_regex(self, pattern: str) -> CompiledGrammar:
+        """The strings that fully match ``pattern``."""
+        from stencil.grammar.regex import regex_grammar
+
+        return self._cached(("regex", pattern), lambda: regex_grammar(pattern), pattern)
+
+    def compile_choice(self, choices: Sequence[str]) -> CompiledGrammar:
+        """Exactly one of the given strings."""
+        choices = list(choices)
+        if not choices or not all(isinstance(c, str) for c in choices):
+            raise GrammarError("compile_choice needs a non-empty list of strings")
+
+        def make() -> Grammar:
+            b = GrammarBuilder()
+            b.rule("root", alt(*(lit(c) for c in dict.fromkeys(choices))))
+            return b.build("root")
+
+        return self._cached(("choice", tuple(choices)), make, json.dumps(choices))
+
+    def compile_builtin_json(self, **options: Any) -> CompiledGrammar:
+        """Any JSON value (RFC 8259)."""
+        from stencil.grammar.json_schema import builtin_json_grammar
+
+        key = ("builtin_json", tuple(sorted(options.items())))
+        return self._cached(key, lambda: builtin_json_grammar(**options), "json")
+
+    def compile_json_schema(self, schema: Any, **options: Any) -> CompiledGrammar:
+        """A JSON Schema (dict, JSON text, or pydantic model class); options go to the JSON Schema frontend."""
+        from stencil.grammar.json_schema import json_schema_to_grammar
+
+        if isinstance(schema, (dict, list, bool)):
+            text = json.dumps(schema, sort_keys=True)
+        elif isinstance(schema, str):
+            text = schema
+        else:
+            text = f"{getattr(schema, '__module__', '')}.{getattr(schema, '__qualname__', repr(schema))}"
+        key = ("json_schema", text, tuple(sorted(options.items())))
+        return self._cached(key, lambda: json_schema_to_grammar(schema, **options), text)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
