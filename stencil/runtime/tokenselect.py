@@ -115,6 +115,11 @@ class TokenSelectStats:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
+    def reset(self) -> None:
+        """Zero every counter."""
+        for f in fields(self):
+            setattr(self, f.name, 0)
+
     def __iadd__(self, other: TokenSelectStats) -> TokenSelectStats:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
