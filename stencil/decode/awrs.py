@@ -283,23 +283,25 @@ class KeyOrder:
 
 
 class NumpyMasses:
-    """``Masses`` over a float64 probability vector.
+    """``Masses`` over a float64 probability vector (it may sum to less than 1 when known-invalid
+    ids, such as padding, have been zeroed: they are invalid mass that is never drawn).
 
     ``remaining`` sums the survivors directly once more than half the mass is excluded, so a tiny
-    remaining mass is not lost to cancellation in ``1 - ψ0``.
+    remaining mass is not lost to cancellation in ``total - ψ0``.
     """
 
     zero = 0.0
 
-    def __init__(self, probs: np.ndarray):
+    def __init__(self, probs: np.ndarray, total: float = 1.0):
         self.probs = probs
+        self.total = total
 
     def p(self, token: int) -> float:
         return float(self.probs[token])
 
     def remaining(self, excluded: Sequence[int], excluded_mass: float) -> float:
-        if excluded_mass <= 0.5:
-            return 1.0 - float(excluded_mass)
+        if excluded_mass <= 0.5 * self.total:
+            return self.total - float(excluded_mass)
         keep = np.ones(self.probs.size, dtype=bool)
         keep[np.asarray(excluded, dtype=np.int64)] = False
         return float(self.probs[keep].sum())
@@ -329,10 +331,13 @@ class AWRSResult:
 class _Verdicts:
     """Counting, caching access to one constraint state, with the end-of-sequence rule."""
 
-    def __init__(self, constraint: TokenConstraint, eos_ids: frozenset[int], vocab_size: int):
+    def __init__(
+        self, constraint: TokenConstraint, eos_ids: frozenset[int], vocab_size: int, constraint_vocab_size: int
+    ):
         self.constraint = constraint
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
+        self.constraint_vocab_size = constraint_vocab_size
         self.checks = 0
         self._completed: bool | None = None
 
@@ -349,8 +354,10 @@ class _Verdicts:
         return bool(self.constraint.try_token(token))
 
     def full_mask(self) -> np.ndarray:
-        allowed = constraint_allowed_tokens(self.constraint, self.vocab_size, ())
-        eos = [e for e in self.eos_ids if e < self.vocab_size]
+        allowed = constraint_allowed_tokens(
+            self.constraint, self.vocab_size, (), constraint_vocab_size=self.constraint_vocab_size
+        )
+        eos = [e for e in self.eos_ids if e < min(self.vocab_size, self.constraint_vocab_size)]
         if eos:
             allowed[eos] = self.completed()
         return allowed
@@ -375,6 +382,9 @@ class AWRS:
 
     Args:
         eos_ids: the end-of-sequence / stop token ids; valid exactly when ``is_completed()``.
+        vocab_size: the constraint's vocabulary size when the logits are wider (a model's padded
+            vocabulary): ids at or past it are invalid and are never drawn nor checked; their
+            probability still counts as invalid mass, so the target stays ``p · c``.
         estimator: ``"recursive"`` (default) or ``"two_loop"``; see the module docstring.
         max_rejections: rejected checks in one call after which the full mask is used instead.
         seed: seed (or ``numpy.random.Generator``) of the Gumbel noise; same seed, same checks,
@@ -389,10 +399,13 @@ class AWRS:
         self,
         eos_ids: Sequence[int] = (),
         *,
+        vocab_size: int | None = None,
         estimator: Estimator = "recursive",
         max_rejections: int = 32,
         seed: int | np.random.Generator | None = None,
     ):
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         if estimator not in _ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; expected one of {_ESTIMATORS}")
         if max_rejections < 1:
@@ -400,6 +413,7 @@ class AWRS:
         if any(int(e) < 0 for e in eos_ids):
             raise ValueError(f"eos ids must be >= 0, got {list(eos_ids)}")
         self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.vocab_size = vocab_size
         self.estimator: Estimator = estimator
         self.max_rejections = int(max_rejections)
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -410,15 +424,29 @@ class AWRS:
             keys[np.asarray(excluded, dtype=np.int64)] = -math.inf
         return keys
 
+    def _prepare(
+        self, logits: torch.Tensor | np.ndarray, constraint: TokenConstraint
+    ) -> tuple[np.ndarray, NumpyMasses, _Verdicts]:
+        """The logits row, its probabilities, and verdict access; ids past ``vocab_size`` get logit
+        -inf (never drawn) and probability 0 *after* normalization (invalid mass, still counted)."""
+        row = _logits_row(logits)
+        shifted = np.exp(row - row.max())
+        probs = shifted / shifted.sum()
+        own = row.size if self.vocab_size is None else min(self.vocab_size, row.size)
+        total = 1.0
+        if own < row.size:
+            padding = float(probs[own:].sum())
+            total = 1.0 - padding if padding <= 0.5 else float(probs[:own].sum())
+            row = row.copy()
+            row[own:] = -math.inf
+            probs[own:] = 0.0
+        return row, NumpyMasses(probs, total), _Verdicts(constraint, self.eos_ids, row.size, own)
+
     def sample(self, logits: torch.Tensor | np.ndarray, constraint: TokenConstraint) -> AWRSResult:
         """An exact sample of ``softmax(logits) · c`` and its properly weighted ``log Ẑ``."""
-        row = _logits_row(logits)
-        top = row.max()
-        shifted = np.exp(row - top)
-        probs = shifted / shifted.sum()
-        verdicts = _Verdicts(constraint, self.eos_ids, row.size)
+        row, masses, verdicts = self._prepare(logits, constraint)
         out = awrs_core(
-            NumpyMasses(probs),
+            masses,
             verdicts.check,
             verdicts.full_mask,
             KeyOrder(self._gumbel_keys(row)),
@@ -433,8 +461,7 @@ class AWRS:
 
     def argmax(self, logits: torch.Tensor | np.ndarray, constraint: TokenConstraint) -> AWRSResult:
         """The constrained argmax (lowest id on ties), walking tokens in logit order."""
-        row = _logits_row(logits)
-        verdicts = _Verdicts(constraint, self.eos_ids, row.size)
+        row, _, verdicts = self._prepare(logits, constraint)
         walk = _Walk(verdicts.check, verdicts.full_mask, self.max_rejections)
         token, _ = walk.first_valid(KeyOrder(row))
         if token is None:

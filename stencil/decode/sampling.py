@@ -35,9 +35,9 @@ __all__ = [
 class TokenConstraint(Protocol):
     """What the samplers need from a constraint (``GrammarMatcher`` satisfies it).
 
-    * ``try_token(t)``: would token ``t`` be accepted now? Must not change the state, and must
-      return ``False`` for ids the constraint does not know (e.g. a model's padding ids). It is
-      never called with an end-of-sequence id: the samplers decide those with ``is_completed``.
+    * ``try_token(t)``: would token ``t`` be accepted now? Must not change the state. The samplers
+      never call it with an end-of-sequence id (they decide those with ``is_completed``), nor with
+      ids at or past the ``vocab_size`` they were given (a model's padding ids).
     * ``accept_token(t)``: advance by ``t``; returns whether it was accepted (``False`` leaves the
       state unchanged).
     * ``fork()``: an independent copy (one per SMC particle).
@@ -159,17 +159,26 @@ def sample_tokens(
 
 
 def constraint_allowed_tokens(
-    constraint: TokenConstraint, vocab_size: int, eos_ids: Sequence[int] = ()
+    constraint: TokenConstraint,
+    vocab_size: int,
+    eos_ids: Sequence[int] = (),
+    *,
+    constraint_vocab_size: int | None = None,
 ) -> np.ndarray:
-    """The full mask of ``constraint`` as a boolean numpy array of length ``vocab_size``.
+    """The full mask of ``constraint`` as a boolean numpy array of length ``vocab_size`` (the
+    logits' width).
 
-    The end-of-sequence ids are set explicitly: allowed exactly when ``constraint.is_completed()``,
-    whatever the constraint wrote for them. Ids past the constraint's vocabulary are not allowed.
+    The constraint fills a bitmask sized for ``constraint_vocab_size`` (its own vocabulary; default
+    ``vocab_size``); ids past it, such as a model's padding, are not allowed. The end-of-sequence
+    ids are set explicitly: allowed exactly when ``constraint.is_completed()``, whatever the
+    constraint wrote for them.
     """
-    bitmask = torch.zeros((1, bitmask_words(vocab_size)), dtype=torch.int32)
+    own = vocab_size if constraint_vocab_size is None else constraint_vocab_size
+    bitmask = torch.zeros((1, bitmask_words(own)), dtype=torch.int32)
     constraint.fill_next_token_bitmask(bitmask, 0)
     allowed = unpack_bitmask(bitmask[0], vocab_size).numpy().copy()
-    eos = [e for e in eos_ids if 0 <= e < vocab_size]
+    allowed[own:] = False
+    eos = [e for e in eos_ids if 0 <= e < min(own, vocab_size)]
     if eos:
         allowed[eos] = bool(constraint.is_completed())
     return allowed
@@ -182,14 +191,18 @@ def sample_constrained(
     eos_ids: Sequence[int] = (),
     params: SamplingParams = SamplingParams(),
     generator: torch.Generator | None = None,
+    constraint_vocab_size: int | None = None,
 ) -> int:
     """One token for one row of logits under ``constraint``, through its full mask (the mask path).
 
     This is the reference that adaptive rejection sampling (:mod:`stencil.decode.awrs`) must match
-    in distribution when the parameters are the defaults.
+    in distribution when the parameters are the defaults. ``constraint_vocab_size`` as in
+    :func:`constraint_allowed_tokens`.
     """
     if logits.dim() != 1:
         raise ValueError(f"logits must be one row [V], got shape {tuple(logits.shape)}")
-    allowed = torch.from_numpy(constraint_allowed_tokens(constraint, logits.shape[-1], eos_ids))
+    allowed = torch.from_numpy(
+        constraint_allowed_tokens(constraint, logits.shape[-1], eos_ids, constraint_vocab_size=constraint_vocab_size)
+    )
     work = logits.float().masked_fill(~allowed.to(logits.device), float("-inf")).unsqueeze(0)
     return int(_draw(work, params, generator)[0])

@@ -136,12 +136,15 @@ def smc(
     resampling: Resampling = "stratified",
     estimator: Estimator = "recursive",
     max_rejections: int = 32,
+    vocab_size: int | None = None,
     seed: int | np.random.Generator | None = None,
 ) -> SMCResult:
     """Run SMC from ``constraint``'s current state (it is forked, never advanced).
 
     Resampling happens after a step when the effective sample size falls below
-    ``ess_threshold * n_particles`` (0 never resamples, 1 always does). Same seed, same result.
+    ``ess_threshold * n_particles`` (0 never resamples, 1 always does). ``estimator``,
+    ``max_rejections`` and ``vocab_size`` (the constraint's vocabulary when the logits are padded)
+    go to :class:`~stencil.decode.awrs.AWRS`. Same seed, same result.
     """
     if n_particles < 1:
         raise ValueError(f"n_particles must be >= 1, got {n_particles}")
@@ -155,7 +158,7 @@ def smc(
     if not eos:
         raise ValueError("SMC needs at least one stop token id to end sequences")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    sampler = AWRS(eos, estimator=estimator, max_rejections=max_rejections, seed=rng)
+    sampler = AWRS(eos, vocab_size=vocab_size, estimator=estimator, max_rejections=max_rejections, seed=rng)
     eos_set = frozenset(eos)
 
     particles = [Particle([], 0.0, constraint.fork()) for _ in range(n_particles)]

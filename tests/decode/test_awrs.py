@@ -62,16 +62,19 @@ class _ScriptedOrder:
 
 
 class _FractionMasses:
+    """Exact arithmetic; ``probs`` may sum to less than 1 (zeroed padding ids, as in the sampler)."""
+
     zero = Fraction(0)
 
     def __init__(self, probs: list[Fraction]):
         self.probs = probs
+        self.total = sum(probs, Fraction(0))
 
     def p(self, token: int) -> Fraction:
         return self.probs[token]
 
     def remaining(self, excluded, excluded_mass: Fraction) -> Fraction:
-        return 1 - excluded_mass
+        return self.total - excluded_mass
 
     def valid_mass(self, valid) -> Fraction:
         return sum((p for p, ok in zip(self.probs, valid) if ok), Fraction(0))
@@ -124,10 +127,15 @@ def small_problems(draw):
 
 
 def _swept_problems():
-    """Every valid set over a few fixed distributions (uniform, skewed, with zeros), V = 1..5."""
-    weights = [(1,), (1, 1), (3, 1), (1, 1, 1), (4, 0, 1), (1, 2, 3, 4), (0, 1, 0, 3, 2), (6, 1, 1, 1, 1), (1, 2, 3, 4, 5)]
-    for w in weights:
-        probs = [Fraction(x, sum(w)) for x in w]
+    """Every valid set over a few fixed distributions (uniform, skewed, with zeros), V = 1..5.
+
+    ``padding`` is mass on ids that are never drawn (a model's padding past the constraint's
+    vocabulary): the sampler zeroes it after normalizing, so the probabilities sum to less than 1.
+    """
+    cases = [((1,), 0), ((1, 1), 0), ((3, 1), 0), ((1, 1, 1), 0), ((4, 0, 1), 0), ((1, 2, 3, 4), 0),
+             ((0, 1, 0, 3, 2), 0), ((6, 1, 1, 1, 1), 0), ((1, 2, 3, 4, 5), 0), ((2, 1, 1), 3), ((1, 3, 1, 2), 1)]
+    for w, padding in cases:
+        probs = [Fraction(x, sum(w) + padding) for x in w]
         for bits in range(2 ** len(w)):
             yield probs, {t for t in range(len(w)) if bits >> t & 1}
 
@@ -319,6 +327,30 @@ def test_conditional_exactness_mid_size_vocabulary(estimator, max_rejections):
     assert chi2_pvalue(np.bincount(tokens, minlength=vocab)[valid], probs[valid] / z * n) > 1e-4
     w = np.exp(log_w)
     assert abs(w.mean() - z) < 4 * w.std() / math.sqrt(n) + 1e-12
+
+
+@pytest.mark.parametrize(("estimator", "max_rejections"), [("recursive", 64), ("two_loop", 1)])
+def test_padded_logits_are_invalid_mass_never_checked(estimator, max_rejections):
+    vocab, padded = 30, 40  # the model's logits are wider than the constraint's vocabulary
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(padded, generator=gen)
+    logits[vocab:] += 1.0  # padding that the model likes: a lot of invalid mass
+    allowed = [2, 9, 17, 29]
+    sampler = AWRS(eos_ids=[29], vocab_size=vocab, estimator=estimator, max_rejections=max_rejections, seed=13)
+    probs = logits.double().softmax(-1).numpy()
+    z = probs[allowed].sum()  # the padding's mass stays in the normalization: it is invalid mass
+    n = 4000
+    counts = np.zeros(padded)
+    weights = np.empty(n)
+    for i in range(n):
+        rec = Recording(fixed_set(vocab, allowed[:-1], completed=True))
+        r = sampler.sample(logits, rec)
+        assert all(t < vocab for t in rec.tried)
+        counts[r.token] += 1
+        weights[i] = math.exp(r.log_weight)
+    assert counts[vocab:].sum() == 0
+    assert chi2_pvalue(counts[allowed], probs[allowed] / z * n) > 1e-4
+    assert abs(weights.mean() - z) < 4 * weights.std() / math.sqrt(n) + 1e-12
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
