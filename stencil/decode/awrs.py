@@ -8,8 +8,10 @@ Carlo, while asking the constraint about as few tokens as possible.
 Sampling. Keys ``logit + Gumbel noise`` ordered from the largest down are a draw of the whole
 vocabulary without replacement from ``p`` (Gumbel-top-k). Walking that order and stopping at the
 first token the constraint accepts gives an exact sample from ``g``: it is the first valid token of
-a ``p``-random permutation. The order is produced in growing chunks with ``argpartition``; the walk
-usually stops within the first one.
+a ``p``-random permutation. The order is generated lazily from the top (:class:`LazyOrder`: each
+next key's token is an inverse-CDF draw among the tokens left), so a call costs one ``exp`` and one
+cumulative sum over the vocabulary plus ``O(log V)`` per token drawn; no key is materialized and
+nothing is sorted unless the full-mask fallback needs the rest of the order at once.
 
 Weights (``estimator=``):
 
@@ -28,8 +30,9 @@ Weights (``estimator=``):
   the probability of a *single* adaptive walk that makes all ``L = n0 + n1`` rejections in a row;
   so the weight cancels the ``1 - ψ0`` and each single walk is counted once per split point
   ``n0 ∈ {0..L}`` with weight ``1/(L+1)``: ``E[Ẑ 1{x=a}] = p(a)``. It is unbiased given ``x`` only,
-  not given the history, so its fallback completes both loops exactly from the full mask (same
-  sample, same weight as without the fallback, for the same keys).
+  not given the history, so its fallback finishes both loops exactly from the full mask: the
+  sample and the weight have the same law as without the fallback (for the same draws, the same
+  values).
 
 Both are checked in exact rational arithmetic by enumerating every draw order
 (``tests/decode/test_awrs.py``), through the very function the sampler runs (:func:`awrs_core`).
@@ -41,8 +44,14 @@ weight properly weighted (exact ``Z`` for the recursive estimator).
 End of sequence. The sampler is told the stop ids; a stop id is valid exactly when
 ``constraint.is_completed()`` (asked at most once per call), and ``try_token`` is never called on it.
 
-Greedy decoding is the same walk in plain logit order (ties: lowest id first): the first accepted
-token is the constrained argmax.
+Greedy decoding is the same walk in plain logit order (ties: lowest id first; :class:`KeyOrder`,
+partial selections in growing chunks): the first accepted token is the constrained argmax.
+
+Numerics: probabilities are ``exp(logit - max)`` in float64, so a token counts as having
+probability 0 only when its logit is ``-inf`` or more than ~745 nats below the top one. The lazy
+order draws through a float64 cumulative sum, which resolves a token only if its probability is
+above ~1e-16 of the mass still in play (it is rebuilt as mass is drawn); rarer tokens are reached
+by the fallback's explicit keys.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ __all__ = [
     "AWRS",
     "DrawOrder",
     "KeyOrder",
+    "LazyOrder",
     "Masses",
     "NumpyMasses",
     "CoreOutcome",
@@ -206,7 +216,8 @@ class KeyOrder:
 
     Keys equal to ``-inf`` are never produced. Each chunk costs one ``argpartition`` over the ids
     not yet produced; chunk sizes grow 8x, so a walk of ``k`` tokens costs ``O(V log_8 k)`` and the
-    usual one- or two-token walk a single partial selection.
+    usual one- or two-token walk a single partial selection. Used for the greedy walk (keys =
+    logits) and, with explicit Gumbel keys, to finish a :class:`LazyOrder` against a full mask.
     """
 
     _FIRST_CHUNK = 8
@@ -282,32 +293,96 @@ class KeyOrder:
         return x, passed.tolist()
 
 
-class NumpyMasses:
-    """``Masses`` over a float64 probability vector (it may sum to less than 1 when known-invalid
-    ids, such as padding, have been zeroed: they are invalid mass that is never drawn).
+class LazyOrder:
+    """Successive sampling without replacement in proportion to ``weights``, generated lazily.
 
-    ``remaining`` sums the survivors directly once more than half the mass is excluded, so a tiny
-    remaining mass is not lost to cancellation in ``total - ψ0``.
+    This is the order of Gumbel-top-k keys ``log w + Gumbel`` built from the top down: the largest
+    remaining key belongs to a token drawn in proportion to the weights of the tokens left, so each
+    step is one inverse-CDF draw on a cumulative sum, redrawn when it lands on a token already
+    produced (or ``excluded``). The cumulative sum is built once (it may be shared) and rebuilt
+    without the produced tokens once they hold half of its mass, so a draw costs ``O(log V)`` and
+    at most two tries on average. No key is materialized until :meth:`skip_to_valid` needs the rest
+    of the order at once; then the remaining tokens get explicit Gumbel keys. Tokens of weight 0
+    are never produced.
+    """
+
+    def __init__(
+        self,
+        weights: np.ndarray,
+        rng: np.random.Generator,
+        cumulative: np.ndarray | None = None,
+        excluded: Sequence[int] = (),
+    ):
+        self._w = weights
+        self._rng = rng
+        self._cum = np.cumsum(weights) if cumulative is None else cumulative
+        self._base = float(self._cum[-1])
+        self._seen = {int(t) for t in excluded}
+        self._seen_mass = float(sum(weights[t] for t in self._seen))
+        self._done = False
+
+    def _rebuild(self) -> None:
+        w = self._w.copy()
+        w[np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))] = 0.0
+        self._cum = np.cumsum(w)
+        self._base = float(self._cum[-1])
+        self._seen_mass = 0.0
+
+    def next(self) -> int | None:
+        if self._done:
+            raise RuntimeError("LazyOrder.next() after skip_to_valid()")
+        if self._seen_mass > 0.5 * self._base:
+            self._rebuild()
+        if self._base <= 0.0:
+            return None
+        size = self._w.size
+        while True:
+            t = int(np.searchsorted(self._cum, self._rng.random() * self._base, side="right"))
+            if t < size and t not in self._seen:
+                break
+        self._seen.add(t)
+        self._seen_mass += float(self._w[t])
+        return t
+
+    def skip_to_valid(self, valid: np.ndarray) -> tuple[int | None, list[int]]:
+        if self._done:
+            raise RuntimeError("LazyOrder.skip_to_valid() called twice")
+        self._done = True
+        with np.errstate(divide="ignore"):
+            keys = np.log(self._w) - np.log(self._rng.standard_exponential(self._w.size))
+        if self._seen:
+            keys[np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))] = -math.inf
+        return KeyOrder(keys).skip_to_valid(valid)
+
+
+class NumpyMasses:
+    """``Masses`` over float64 weights ``w`` with probabilities ``w / norm``.
+
+    The weights may sum to less than ``norm`` when known-invalid ids (a model's padding) have been
+    zeroed: their mass stays in the normalization as invalid mass and is never drawn; ``total`` is
+    the mass of the rest. ``remaining`` sums the survivors directly once more than half of
+    ``total`` is excluded, so a tiny remaining mass is not lost to cancellation in ``total - ψ0``.
     """
 
     zero = 0.0
 
-    def __init__(self, probs: np.ndarray, total: float = 1.0):
-        self.probs = probs
+    def __init__(self, weights: np.ndarray, norm: float, total: float = 1.0):
+        self.weights = weights
+        self.norm = norm
         self.total = total
 
     def p(self, token: int) -> float:
-        return float(self.probs[token])
+        return float(self.weights[token]) / self.norm
 
     def remaining(self, excluded: Sequence[int], excluded_mass: float) -> float:
         if excluded_mass <= 0.5 * self.total:
             return self.total - float(excluded_mass)
-        keep = np.ones(self.probs.size, dtype=bool)
+        keep = np.ones(self.weights.size, dtype=bool)
         keep[np.asarray(excluded, dtype=np.int64)] = False
-        return float(self.probs[keep].sum())
+        return float(self.weights[keep].sum()) / self.norm
 
     def valid_mass(self, valid: Any) -> float:
-        return float(self.probs[np.asarray(valid, dtype=bool)].sum())
+        return float(self.weights[np.asarray(valid, dtype=bool)].sum()) / self.norm
 
 
 @dataclass(frozen=True)
@@ -363,18 +438,20 @@ class _Verdicts:
         return allowed
 
 
-def _logits_row(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+def _logits_row(logits: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
+    """One row of logits as float64 numpy, and its maximum (one pass also validates it)."""
     if isinstance(logits, torch.Tensor):
         row = logits.detach().to("cpu", torch.float64).numpy()
     else:
         row = np.asarray(logits, dtype=np.float64)
-    if row.ndim != 1:
-        raise ValueError(f"AWRS works on one row of logits [V], got shape {row.shape}")
-    if np.isnan(row).any() or np.isposinf(row).any():
+    if row.ndim != 1 or row.size == 0:
+        raise ValueError(f"AWRS works on one non-empty row of logits [V], got shape {row.shape}")
+    top = float(row.max())
+    if math.isnan(top) or top == math.inf:
         raise ValueError("logits contain NaN or +inf")
-    if not np.isfinite(row).any():
+    if top == -math.inf:
         raise ValueError("every logit is -inf: the model gives no token positive probability")
-    return row
+    return row, top
 
 
 class AWRS:
@@ -418,39 +495,32 @@ class AWRS:
         self.max_rejections = int(max_rejections)
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
-    def _gumbel_keys(self, logits: np.ndarray, excluded: Sequence[int] = ()) -> np.ndarray:
-        keys = logits - np.log(self.rng.standard_exponential(logits.size))
-        if len(excluded):
-            keys[np.asarray(excluded, dtype=np.int64)] = -math.inf
-        return keys
-
-    def _prepare(
-        self, logits: torch.Tensor | np.ndarray, constraint: TokenConstraint
-    ) -> tuple[np.ndarray, NumpyMasses, _Verdicts]:
-        """The logits row, its probabilities, and verdict access; ids past ``vocab_size`` get logit
-        -inf (never drawn) and probability 0 *after* normalization (invalid mass, still counted)."""
-        row = _logits_row(logits)
-        shifted = np.exp(row - row.max())
-        probs = shifted / shifted.sum()
-        own = row.size if self.vocab_size is None else min(self.vocab_size, row.size)
-        total = 1.0
-        if own < row.size:
-            padding = float(probs[own:].sum())
-            total = 1.0 - padding if padding <= 0.5 else float(probs[:own].sum())
-            row = row.copy()
-            row[own:] = -math.inf
-            probs[own:] = 0.0
-        return row, NumpyMasses(probs, total), _Verdicts(constraint, self.eos_ids, row.size, own)
+    def _own(self, width: int) -> int:
+        return width if self.vocab_size is None else min(self.vocab_size, width)
 
     def sample(self, logits: torch.Tensor | np.ndarray, constraint: TokenConstraint) -> AWRSResult:
         """An exact sample of ``softmax(logits) · c`` and its properly weighted ``log Ẑ``."""
-        row, masses, verdicts = self._prepare(logits, constraint)
+        row, top = _logits_row(logits)
+        own = self._own(row.size)
+        weights = np.exp(row - top)  # float64: probabilities down to e^-745 of the top stay > 0
+        if own < row.size:
+            # Padding ids: invalid mass that stays in the normalization but is never drawn.
+            norm = float(weights.sum())
+            padding = float(weights[own:].sum())
+            weights[own:] = 0.0
+            cumulative = np.cumsum(weights)
+            total = 1.0 - padding / norm if padding <= 0.5 * norm else float(cumulative[-1]) / norm
+        else:
+            cumulative = np.cumsum(weights)
+            norm = float(cumulative[-1])
+            total = 1.0
+        verdicts = _Verdicts(constraint, self.eos_ids, row.size, own)
         out = awrs_core(
-            masses,
+            NumpyMasses(weights, norm, total),
             verdicts.check,
             verdicts.full_mask,
-            KeyOrder(self._gumbel_keys(row)),
-            lambda excluded: KeyOrder(self._gumbel_keys(row, excluded)),
+            LazyOrder(weights, self.rng, cumulative),
+            lambda excluded: LazyOrder(weights, self.rng, cumulative, excluded),
             estimator=self.estimator,
             max_rejections=self.max_rejections,
         )
@@ -461,7 +531,12 @@ class AWRS:
 
     def argmax(self, logits: torch.Tensor | np.ndarray, constraint: TokenConstraint) -> AWRSResult:
         """The constrained argmax (lowest id on ties), walking tokens in logit order."""
-        row, _, verdicts = self._prepare(logits, constraint)
+        row, _ = _logits_row(logits)
+        own = self._own(row.size)
+        if own < row.size:
+            row = row.copy()
+            row[own:] = -math.inf
+        verdicts = _Verdicts(constraint, self.eos_ids, row.size, own)
         walk = _Walk(verdicts.check, verdicts.full_mask, self.max_rejections)
         token, _ = walk.first_valid(KeyOrder(row))
         if token is None:

@@ -17,10 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stencil.decode.awrs import AWRS, KeyOrder, awrs_core
+from stencil.decode.awrs import AWRS, KeyOrder, LazyOrder, awrs_core
 from stencil.decode.sampling import constraint_allowed_tokens
 
-from .toy_constraints import AllowAll, Recording, TokenDFA, chi2_pvalue, fixed_set
+from .toy_constraints import AllowAll, Recording, TokenDFA, chi2_pvalue, chi2_same_distribution, fixed_set
 
 ESTIMATORS = ["recursive", "two_loop"]
 
@@ -263,6 +263,63 @@ def test_skip_to_valid_matches_stepping(values, seed, steps_first):
     assert (hit, sorted(skipped)) == (t, sorted(passed))
 
 
+def _plackett_luce(weights: list[float], prefix: tuple[int, ...], excluded: frozenset[int]) -> float:
+    """Probability that sampling without replacement (excluded ids removed) starts with ``prefix``."""
+    left = {t: w for t, w in enumerate(weights) if t not in excluded}
+    prob = 1.0
+    for t in prefix:
+        prob *= left[t] / sum(left.values())
+        del left[t]
+    return prob
+
+
+@pytest.mark.parametrize("excluded", [(), (0,), (3, 1)])
+def test_lazy_order_is_sampling_without_replacement(excluded):
+    # Token 0 holds most of the mass, so drawing it makes the order rebuild its cumulative sum.
+    weights = [5.0, 1.0, 0.0, 2.0, 0.5, 1.5]
+    w = np.array(weights)
+    rng = np.random.default_rng(31)
+    counts: Counter = Counter()
+    n = 6000
+    for _ in range(n):
+        order = LazyOrder(w, rng, excluded=excluded)
+        seq = []
+        while (t := order.next()) is not None:
+            seq.append(t)
+        assert sorted(seq) == sorted(t for t in range(6) if weights[t] > 0 and t not in excluded)
+        counts[tuple(seq[:3])] += 1
+    cells = sorted(counts)
+    expected = [_plackett_luce(weights, c, frozenset(excluded)) * n for c in cells]
+    assert math.isclose(sum(expected), n, rel_tol=1e-9), "an impossible prefix was drawn"
+    assert chi2_pvalue([counts[c] for c in cells], expected) > 1e-4
+
+
+@pytest.mark.parametrize("steps_first", [0, 1, 2])
+def test_lazy_order_skip_to_valid_has_the_law_of_stepping(steps_first):
+    weights = np.array([3.0, 1.0, 0.0, 2.0, 0.5, 1.5, 0.7])
+    valid = np.array([False, False, True, False, True, False, True])
+    rng = np.random.default_rng(41 + steps_first)
+
+    def outcome(skip: bool):
+        order = LazyOrder(weights, rng)
+        for _ in range(steps_first):
+            t = order.next()
+            if valid[t]:
+                return ("stopped early", t)
+        if skip:
+            hit, passed = order.skip_to_valid(valid)
+            return hit, frozenset(passed)
+        passed = []
+        while not valid[t := order.next()]:
+            passed.append(t)
+        return t, frozenset(passed)
+
+    stepped = Counter(outcome(False) for _ in range(5000))
+    skipped = Counter(outcome(True) for _ in range(5000))
+    cells = sorted(set(stepped) | set(skipped), key=repr)
+    assert chi2_same_distribution([stepped[c] for c in cells], [skipped[c] for c in cells]) > 1e-4
+
+
 # --------------------------------------------------------------------------- statistical checks
 
 
@@ -293,7 +350,7 @@ def test_exactly_one_valid_token(estimator):
     probs = logits.double().softmax(-1).numpy()
     only = int(np.argsort(probs)[vocab // 3])  # a token of middling probability
     sampler = AWRS(estimator=estimator, seed=5)
-    tokens, log_w = _empirical(sampler, logits, fixed_set(vocab, [only]), 6000)
+    tokens, log_w = _empirical(sampler, logits, fixed_set(vocab, [only]), 3000)
     assert np.all(tokens == only)
     w = np.exp(log_w)
     se = w.std() / math.sqrt(w.size)

@@ -139,7 +139,7 @@ def _transformers_warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return out
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     st.integers(0, 2**32 - 1),
     st.sampled_from([0.5, 1.0, 1.7]),
@@ -252,7 +252,7 @@ def test_masked_sampling_and_awrs_agree_on_a_token_set():
     vocab = 30
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(6)) * 2
     allowed = [1, 4, 7, 8, 15, 22, 29]
-    assert _awrs_vs_mask(logits, lambda: fixed_set(vocab, allowed, completed=True), [29], 3000, 1) > 1e-4
+    assert _awrs_vs_mask(logits, lambda: fixed_set(vocab, allowed, completed=True), [29], 2000, 1) > 1e-4
 
 
 def test_masked_sampling_and_awrs_agree_on_a_regex():
@@ -260,4 +260,4 @@ def test_masked_sampling_and_awrs_agree_on_a_regex():
     constraint = RegexConstraint(tokens[:6], r"(ab)+b*", r"(ab)*a?|(ab)+b*")
     constraint.accept_token(2)  # text "ab": may stop, or go on with "a", "ab", "b", "bb", ...
     logits = torch.randn(len(tokens), generator=torch.Generator().manual_seed(7))
-    assert _awrs_vs_mask(logits, constraint.fork, [6, 7], 3000, 2) > 1e-4
+    assert _awrs_vs_mask(logits, constraint.fork, [6, 7], 2000, 2) > 1e-4
