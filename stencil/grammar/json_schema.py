@@ -31,6 +31,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote, urldefrag, urljoin
@@ -534,6 +535,7 @@ class _Options:
     strict: bool
     any_order: bool
     lenient: bool
+    formats: str = "assert"
 
 
 class _Normalizer:
@@ -765,7 +767,7 @@ class _Normalizer:
             f = s["format"]
             if not isinstance(f, str):
                 raise SchemaError(f"'format' must be a string, got {f!r}", pointer=p("format"))
-            if json_formats.is_assertable(f):
+            if self.opts.formats == "assert" and json_formats.is_assertable(f):
                 strs.add(("fmt", f, p("format")))
 
         # arrays
@@ -1123,7 +1125,9 @@ class _Normalizer:
         dfa = self.atom_dfa(a)
         if dfa is None:  # unsupported (only reachable in lenient mode): treat as satisfied
             return True
-        return dfa.accepts(s) != (a[0] in ("nre", "nfmt"))
+        limit = _FORMAT_LIMITS.get(a[1]) if a[0] in ("fmt", "nfmt") else None
+        ok = dfa.accepts(s) and (limit is None or len(s) <= limit)
+        return ok != (a[0] in ("nre", "nfmt"))
 
     def check_arr(self, a: Arr, items: tuple) -> bool:
         n = len(items)
@@ -1231,48 +1235,25 @@ class _Normalizer:
     # -- lexical automata ---------------------------------------------------------------------
 
     def atom_dfa(self, a: tuple) -> lx.CharDFA | None:
-        """The code-point DFA of a pattern/format atom (positive form); None if unsupported (lenient)."""
-        key = ("atom", a[0].lstrip("n"), a[1])
-        if key in self.dfa_cache:
-            return self.dfa_cache[key]
+        """The code-point DFA of a pattern/format atom (positive form, without a format's length limit);
+        None if unsupported (only in lenient mode)."""
         try:
-            dfa = lx.minimize(lx.dfa_from_expr(self.atom_expr(a), self.MAX_DFA))
+            return self.atom_dfa_strict(a)
         except _Unenforceable as e:
             self.unenforceable(e.message, e.pointer)
-            dfa = None
-        except lx.LexLimit as e:
-            self.unenforceable(f"'{_kw(a)}' is too complex to intersect exactly: {e}", a[2])
-            dfa = None
-        self.dfa_cache[key] = dfa
+            return None
+
+    def atom_dfa_strict(self, a: tuple) -> lx.CharDFA:
+        _, dfa, err = _regular(a[0].lstrip("n"), a[1])
+        if err is not None:
+            raise _Unenforceable(err, a[2])
         return dfa
 
     def atom_expr(self, a: tuple) -> Expr:
         """The code-point expression of a pattern or format atom (positive form)."""
-        from stencil.grammar import json_formats
-        from stencil.grammar.regex import regex_to_expr
-
-        kind, value, ptr = a[0].lstrip("n"), a[1], a[2]
-        key = ("expr", kind, value)
-        if key in self.dfa_cache:
-            hit = self.dfa_cache[key]
-            if isinstance(hit, _Unenforceable):
-                raise hit
-            return hit
-        try:
-            if kind == "re":
-                try:
-                    e = regex_to_expr(value, anchored=False)
-                except RegexError as err:
-                    raise _Unenforceable(f"'pattern' {value!r} is not supported: {err.message} at position "
-                                         f"{err.position}", ptr) from None
-            else:
-                e = json_formats.format_expr(value)
-                if e is None:
-                    raise _Unenforceable(f"'format': {value!r} cannot be enforced exactly", ptr)
-        except _Unenforceable as err:
-            self.dfa_cache[key] = err
-            raise
-        self.dfa_cache[key] = e
+        e, _, err = _regular(a[0].lstrip("n"), a[1], need_dfa=False)
+        if e is None:
+            raise _Unenforceable(err, a[2])
         return e
 
     def string_dfa(self, atoms: frozenset) -> lx.CharDFA | None:
@@ -1288,9 +1269,10 @@ class _Normalizer:
                 if a[0] == "ne":
                     part = lx.complement(lx.strings_dfa([a[1]]))
                 else:
-                    part = self.atom_dfa(a)
-                    if part is None:
-                        continue
+                    part = self.atom_dfa_strict(a)
+                    limit = _FORMAT_LIMITS.get(a[1]) if a[0] in ("fmt", "nfmt") else None
+                    if limit is not None:
+                        part = lx.minimize(lx.with_length(part, 0, limit, self.MAX_DFA))
                     if a[0] in ("nre", "nfmt"):
                         part = lx.complement(part)
                 dfa = part if dfa is None else lx.minimize(lx.intersect(dfa, part, self.MAX_DFA))
@@ -1334,6 +1316,50 @@ class _Normalizer:
             d = lx.minimize(lx.intersect(d, part, 200_000))
         self.dfa_cache[key] = (d, only_bounds)
         return d, only_bounds
+
+
+def _format_limits() -> dict[str, int]:
+    from stencil.grammar import json_formats
+
+    return dict(json_formats.LENGTH_LIMITS)
+
+
+_FORMAT_LIMITS = _format_limits()
+
+
+@lru_cache(maxsize=None)
+def _label_dfa(name: str) -> lx.CharDFA:
+    from stencil.grammar import json_formats
+    from stencil.grammar.regex import regex_to_expr
+
+    return lx.minimize(lx.dfa_from_expr(regex_to_expr(json_formats.SEGMENT_LABELS[name], anchored=True)))
+
+
+@lru_cache(maxsize=4096)
+def _regular(kind: str, value: str, need_dfa: bool = True) -> tuple[Expr | None, lx.CharDFA | None, str | None]:
+    """(code-point expression, minimized DFA, error) of a ``pattern`` ("re") or ``format`` ("fmt").
+
+    Cached for the process: real schema collections repeat the same patterns and formats.
+    """
+    from stencil.grammar import json_formats
+    from stencil.grammar.regex import regex_to_expr
+
+    if kind == "re":
+        try:
+            e = regex_to_expr(value, anchored=False)
+        except RegexError as err:
+            return None, None, f"'pattern' {value!r} is not supported: {err.message} at position {err.position}"
+    else:
+        e = json_formats.format_expr(value)
+        if e is None:
+            return None, None, f"'format': {value!r} cannot be enforced exactly"
+    if not need_dfa:
+        return e, None, None
+    try:
+        return e, lx.minimize(lx.dfa_from_expr(e, _Normalizer.MAX_DFA)), None
+    except lx.LexLimit as err:
+        what = "pattern" if kind == "re" else "format"
+        return e, None, f"'{what}' {value!r} is too complex to determinize (needed to intersect it exactly): {err}"
 
 
 def _kw(a: tuple) -> str:
@@ -1506,20 +1532,68 @@ class _Compiler(_Normalizer):
             return NOTHING
         if not regular:
             return self.counted_chars(lo, hi)
-        if len(regular) == 1 and regular[0][0] in ("re", "fmt") and lo == 0 and hi is None:
-            try:
-                return lx.json_expr(self.atom_expr(regular[0]))
-            except _Unenforceable as e:
-                self.unenforceable(e.message, e.pointer)
-                return self.counted_chars(lo, hi)
+        if len(regular) == 1 and regular[0][0] == "fmt" and regular[0][1] in _FORMAT_LIMITS:
+            return self.segmented_body(regular[0], lo, min(_FORMAT_LIMITS[regular[0][1]], hi if hi is not None else 10**9))
         try:
             d = self.string_dfa(atoms)
         except _Unenforceable as e:
+            if len(regular) == 1 and regular[0][0] in ("re", "fmt") and lo == 0 and hi is None:
+                # Too big to determinize, but alone it needs no intersection: spell the expression.
+                try:
+                    return lx.json_expr(self.atom_expr(regular[0]))
+                except _Unenforceable:
+                    pass
             self.unenforceable(e.message, e.pointer)
             return self.counted_chars(lo, hi)
         if d is None:
             return self.counted_chars(lo, hi)
-        return lx.dfa_to_expr(d, self.char_label(d.n_states > 48, keys=False))
+        # Format strings, like keys of undeclared properties, spell printable ASCII raw (see char_label).
+        raw_ascii = any(a[0] == "fmt" for a in regular)
+        return lx.dfa_to_expr(d, self.char_label(d.n_states > 16, keys=raw_ascii))
+
+    def segmented_body(self, a: tuple, lo: int, hi: int) -> Expr:
+        """A hostname-like format (labels joined by '.') with its total length within lo..hi.
+
+        The product of the label automaton with a length counter has ~24k states; instead, rule
+        ``host_t`` reads one label when t characters precede it and calls ``host_(t+len+1)`` after
+        each dot, so every rule stays as small as the label automaton.
+        """
+        from stencil.grammar import json_formats
+
+        label_dfa = _label_dfa(a[1])
+        spell = lru_cache(maxsize=None)(self.char_label(False, keys=True))
+        dot = spell(((ord(json_formats.SEGMENT_SEPARATOR),) * 2,))
+
+        def rule(t: int) -> Expr:
+            return self.lazy_rule(("segment", a[1], t, lo, hi), "host", lambda: body(t))
+
+        def body(t: int) -> Expr:
+            index = {(0, 0): 0}
+            order = [(0, 0)]
+            edges: list[tuple[int, Expr, int]] = []
+            END = -1
+            i = 0
+            while i < len(order):
+                s, n = order[i]
+                src = i
+                i += 1
+                if n >= 1 and label_dfa.final[s]:
+                    if t + n >= lo:
+                        edges.append((src, EMPTY, END))
+                    if t + n + 2 <= hi:
+                        edges.append((src, seq(dot, rule(t + n + 1)), END))
+                if t + n + 1 > hi:
+                    continue
+                for rlo, rhi, s2 in label_dfa.trans[s]:
+                    key = (s2, n + 1)
+                    if key not in index:
+                        index[key] = len(order)
+                        order.append(key)
+                    edges.append((src, spell(((rlo, rhi),)), index[key]))
+            k = len(order)
+            return Automaton(k + 1, tuple((p, x, k if q == END else q) for p, x, q in edges), (k,))
+
+        return rule(0) if hi >= 1 else NOTHING
 
     def char_label(self, big: bool, keys: bool) -> Callable[[lx.Ranges], Expr]:
         """Spellings of one character class: inline, or a shared rule when the automaton is large.
@@ -1933,6 +2007,7 @@ def json_schema_to_grammar(
     whitespace: str = "flexible",
     max_whitespace: int = DEFAULT_MAX_WHITESPACE,
     lenient: bool = False,
+    formats: str = "assert",
 ) -> Grammar:
     """Compile a JSON Schema (dict, JSON text, or pydantic v2 model class) into an exact grammar.
 
@@ -1940,14 +2015,19 @@ def json_schema_to_grammar(
     schema gives ``additionalProperties`` itself). ``any_order``: declared properties in any order
     (default: the order of ``properties``). ``whitespace``/``max_whitespace``: as for
     :func:`builtin_json_grammar`. ``lenient``: keywords that cannot be enforced exactly are loosened
-    (the grammar accepts a superset) and listed in one warning instead of raising.
+    (the grammar accepts a superset) and listed in one warning instead of raising. ``formats``:
+    ``"assert"`` (default) enforces the standard ``format`` values (an unsupported standard format is
+    an error unless lenient; unknown names are annotations); ``"annotate"`` ignores ``format``, which
+    is JSON Schema 2020-12's default vocabulary and what its test suite checks.
 
     Raises :class:`SchemaError` (with the JSON pointer of the keyword) for invalid or unenforceable
     schemas, and :class:`UnsatisfiableSchemaError` if no JSON value satisfies the schema.
     """
     root = _load_schema(schema)
+    if formats not in ("assert", "annotate"):
+        raise SchemaError(f"formats must be 'assert' or 'annotate', got {formats!r}")
     ws, _ = _whitespace_expr(whitespace, max_whitespace)
-    c = _Compiler(root, _Options(strict=strict, any_order=any_order, lenient=lenient), ws)
+    c = _Compiler(root, _Options(strict=strict, any_order=any_order, lenient=lenient, formats=formats), ws)
     import sys
 
     old = sys.getrecursionlimit()
