@@ -126,5 +126,30 @@ class GrammarCompiler:
         key = ("json_schema", text, tuple(sorted(options.items())))
         return self._cached(key, lambda: json_schema_to_grammar(schema, **options), text)
 
+    def compile_structural_tag(self, tag: Any) -> CompiledGrammar:
+        """XGrammar's structural-tag JSON (dict or text); see :mod:`stencil.grammar.structural_tag`.
+
+        Literal strings (const strings, tag begins and ends, triggers, separators) that spell one of
+        this tokenizer's special tokens match that token's id.
+        """
+        from stencil.grammar.structural_tag import structural_tag_to_grammar
+
+        text = tag if isinstance(tag, str) else json.dumps(tag, sort_keys=True)
+        names = tuple(self.tokenizer_info.special_token_names)
+        return self._cached(("structural_tag", text), lambda: structural_tag_to_grammar(tag, special_tokens=names), text)
+
+    def compile_tools(
+        self, tools: Sequence[dict], tool_choice: Any = "auto", parallel_tool_calls: bool = True, format: str | None = None
+    ) -> CompiledGrammar:
+        """OpenAI-style tools in the model's tool-call format; see :func:`stencil.integrations.tools.build_tool_grammar`."""
+        from stencil.integrations.tools import build_tool_grammar
+
+        text = json.dumps([tools, tool_choice, bool(parallel_tool_calls), format], sort_keys=True)
+        return self._cached(
+            ("tools", text),
+            lambda: build_tool_grammar(tools, tool_choice, parallel_tool_calls, format=format, tokenizer=self.tokenizer_info),
+            text,
+        )
+
     def clear_cache(self) -> None:
         self._cache.clear()
