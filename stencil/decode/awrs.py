@@ -78,6 +78,7 @@ __all__ = [
     "NumpyMasses",
     "CoreOutcome",
     "awrs_core",
+    "logits_to_numpy",
 ]
 
 Estimator = Literal["recursive", "two_loop"]
@@ -105,6 +106,10 @@ class Masses(Protocol):
 
     def p(self, token: int) -> Any:
         """Probability of ``token``."""
+        ...
+
+    def mass(self, tokens: Sequence[int]) -> Any:
+        """Σ p(t) over ``tokens``."""
         ...
 
     def remaining(self, excluded: Sequence[int], excluded_mass: Any) -> Any:
@@ -184,9 +189,7 @@ def awrs_core(
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {_ESTIMATORS}")
     walk = _Walk(check, full_mask, max_rejections)
     x, rejected = walk.first_valid(order)
-    psi0 = masses.zero
-    for t in rejected:
-        psi0 = psi0 + masses.p(t)
+    psi0 = masses.mass(rejected)
     if x is None:
         return CoreOutcome(None, masses.zero, walk.rejections, walk.mask is not None)
 
@@ -318,7 +321,7 @@ class LazyOrder:
         self._cum = np.cumsum(weights) if cumulative is None else cumulative
         self._base = float(self._cum[-1])
         self._seen = {int(t) for t in excluded}
-        self._seen_mass = float(sum(weights[t] for t in self._seen))
+        self._seen_mass = float(weights[np.asarray(list(self._seen), dtype=np.int64)].sum())
         self._done = False
 
     def _rebuild(self) -> None:
@@ -373,6 +376,9 @@ class NumpyMasses:
 
     def p(self, token: int) -> float:
         return float(self.weights[token]) / self.norm
+
+    def mass(self, tokens: Sequence[int]) -> float:
+        return float(self.weights[np.asarray(tokens, dtype=np.int64)].sum()) / self.norm
 
     def remaining(self, excluded: Sequence[int], excluded_mass: float) -> float:
         if excluded_mass <= 0.5 * self.total:
@@ -438,12 +444,16 @@ class _Verdicts:
         return allowed
 
 
+def logits_to_numpy(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Logits (a torch tensor on any device, or array-like) as a float64 numpy array on the CPU."""
+    if isinstance(logits, torch.Tensor):
+        return logits.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(logits, dtype=np.float64)
+
+
 def _logits_row(logits: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
     """One row of logits as float64 numpy, and its maximum (one pass also validates it)."""
-    if isinstance(logits, torch.Tensor):
-        row = logits.detach().to("cpu", torch.float64).numpy()
-    else:
-        row = np.asarray(logits, dtype=np.float64)
+    row = logits_to_numpy(logits)
     if row.ndim != 1 or row.size == 0:
         raise ValueError(f"AWRS works on one non-empty row of logits [V], got shape {row.shape}")
     top = float(row.max())
@@ -547,7 +557,7 @@ class AWRS:
         self, logits: torch.Tensor | np.ndarray, constraints: Sequence[TokenConstraint]
     ) -> list[AWRSResult]:
         """:meth:`sample` for each row of ``[B, V]`` logits with its own constraint state."""
-        rows = logits.detach().to("cpu", torch.float64).numpy() if isinstance(logits, torch.Tensor) else logits
-        if len(rows) != len(constraints):
+        rows = logits_to_numpy(logits)
+        if rows.ndim != 2 or len(rows) != len(constraints):
             raise ValueError(f"{len(rows)} rows of logits for {len(constraints)} constraints")
         return [self.sample(row, c) for row, c in zip(rows, constraints)]

@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stencil.decode.awrs import AWRS, Estimator
+from stencil.decode.awrs import AWRS, Estimator, logits_to_numpy
 from stencil.decode.sampling import TokenConstraint
 from stencil.errors import StencilError
 
@@ -116,10 +116,7 @@ def resample_indices(log_weights: np.ndarray, rng: np.random.Generator, scheme: 
 
 
 def _rows(logits: torch.Tensor | np.ndarray, expected: int) -> np.ndarray:
-    if isinstance(logits, torch.Tensor):
-        rows = logits.detach().to("cpu", torch.float64).numpy()
-    else:
-        rows = np.asarray(logits, dtype=np.float64)
+    rows = logits_to_numpy(logits)
     if rows.ndim != 2 or rows.shape[0] != expected:
         raise ValueError(f"next_logits must return [{expected}, V] logits, got shape {rows.shape}")
     return rows

@@ -73,6 +73,9 @@ class _FractionMasses:
     def p(self, token: int) -> Fraction:
         return self.probs[token]
 
+    def mass(self, tokens) -> Fraction:
+        return sum((self.probs[t] for t in tokens), Fraction(0))
+
     def remaining(self, excluded, excluded_mass: Fraction) -> Fraction:
         return self.total - excluded_mass
 
@@ -482,7 +485,7 @@ def test_greedy_walk_is_the_constrained_argmax(int_logits, seed, max_rejections,
         assert r.token == int(logits.masked_fill(~mask, -math.inf).argmax())
 
 
-def test_token_dfa_sequences_keep_their_weights_finite():
+def test_dead_end_state_gives_the_next_step_weight_minus_inf():
     """Walk a small automaton with dead ends: a token leading to a dead state is allowed now, and
     the next step then has no valid token, which AWRS reports as weight -inf (not a crash)."""
     delta = {0: {0: 1, 1: 2}, 1: {2: 0}, 2: {}}  # state 2 is a dead end
