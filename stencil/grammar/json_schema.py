@@ -198,6 +198,7 @@ def _cv_kind(cv: tuple) -> str:
 
 Sub = frozenset  # a conjunction of atom ids; frozenset() is the schema ``true``
 TRUE: Sub = frozenset()
+FALSE_ID = 0  # the atom of the schema ``false`` (always created first)
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,11 @@ class Arr:
     max: int | None = None
     contains: tuple = ()  # (Sub, min, max | None, first position it applies from, pointer)
     unique: str | None = None  # pointer of a uniqueItems: true
+    # What the keywords behind this shape evaluate (for unevaluatedItems): leading positions, all
+    # items, and items matching these contains schemas. Shapes made by negation evaluate nothing.
+    ev_prefix: int = 0
+    ev_all: bool = False
+    ev_contains: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,7 @@ class ObjComp:
     patterns: tuple = ()  # ((regex, Sub, pointer), ...)
     additional: Sub = TRUE
     explicit: bool = False  # additionalProperties was given
+    evaluates: bool = False  # produces annotations for unevaluatedProperties (not made by negation)
 
 
 @dataclass(frozen=True)
@@ -271,6 +278,9 @@ def _meet_arr(a: Arr | None, b: Arr | None) -> Arr | None:
         max=mx,
         contains=_uniq(a.contains + b.contains),
         unique=a.unique or b.unique,
+        ev_prefix=max(a.ev_prefix, b.ev_prefix),
+        ev_all=a.ev_all or b.ev_all,
+        ev_contains=_uniq(a.ev_contains + b.ev_contains),
     )
 
 
@@ -299,8 +309,13 @@ def _tidy(c: Conj) -> Conj | None:
         kinds = kinds - {"number"}
     if c.arr is not None and c.arr.max is not None and c.arr.min > c.arr.max:
         kinds = kinds - {"array"}
-    if c.obj is not None and c.obj.max is not None and max(c.obj.min, len(c.obj.required)) > c.obj.max:
+    if c.obj is not None and (
+        c.obj.max is not None and max(c.obj.min, len(c.obj.required)) > c.obj.max
+        or any(n in c.obj.required and FALSE_ID in sub for comp in c.obj.comps for n, sub in comp.props)
+    ):
         kinds = kinds - {"object"}
+    if c.arr is not None and any(FALSE_ID in x for x in c.arr.prefix[: c.arr.min]):
+        kinds = kinds - {"array"}
     if not kinds:
         return None
     return Conj(
@@ -389,6 +404,7 @@ class _Document:
         self.root = root
         self.draft4 = draft4
         self.resources: dict[str, Any] = {}  # absolute URI without fragment -> schema
+        self.has_unevaluated = False
         self.anchors: dict[tuple[str, str], Any] = {}
         self.dynamic_anchors: dict[str, list] = {}
         self.info: dict[int, tuple[str, str]] = {}  # id(schema dict) -> (base URI, pointer)
@@ -414,6 +430,8 @@ class _Document:
                     self.resources[base] = s
             self.info[id(s)] = (base, ptr)
             self._keep.append(s)
+            if "unevaluatedProperties" in s or "unevaluatedItems" in s:
+                self.has_unevaluated = True
             for key in ("$anchor", "$dynamicAnchor"):
                 a = s.get(key)
                 if isinstance(a, str):
@@ -562,6 +580,7 @@ class _Normalizer:
         self.warnings: list[str] = []
         self.value_order: dict[tuple, tuple] = {}  # canonical object value -> its keys in schema order
         self.FALSE = self._atom(("false",), "")
+        assert self.FALSE == FALSE_ID
         self.FALSE_SUB: Sub = frozenset({self.FALSE})
         # emission state
         self.b = GrammarBuilder()
@@ -797,7 +816,7 @@ class _Normalizer:
                     extra.append(self.one_of(subs, p(kw)))
         if "not" in s:
             extra.append(self.shape(self.neg_sub(self.sub_of(s["not"], base, p("not")), p("not"))))
-        if "if" in s and ("then" in s or "else" in s):
+        if "if" in s and ("then" in s or "else" in s or self.doc.has_unevaluated):
             cond = self.sub_of(s["if"], base, p("if"))
             then = self.sub_of(s.get("then", True), base, p("then"))
             other = self.sub_of(s.get("else", True), base, p("else"))
@@ -816,17 +835,71 @@ class _Normalizer:
         for kw in ("$dynamicRef", "$recursiveRef"):
             if kw in s:
                 extra.append(self.dynamic_ref(s[kw], kw, base, p(kw)))
-        for kw in ("unevaluatedProperties", "unevaluatedItems"):
-            if kw in s and s[kw] is not True and s[kw] != {}:
-                self.unenforceable(f"'{kw}' is not supported", p(kw))
-
         head = _tidy(Conj(kinds=kinds, num=frozenset(num), strs=frozenset(strs), arr=arr, obj=obj, enum=enum))
         out: DNF = () if head is None else (head,)
         for d in extra:
             if not out:
                 break
             out = _meet_dnf(out, d, ptr)
+        if out and ("unevaluatedProperties" in s or "unevaluatedItems" in s):
+            # Present even as true: it then evaluates every member, which an enclosing one sees.
+            out = self.unevaluated(out, self.sub_of(s["unevaluatedProperties"], base, p("unevaluatedProperties"))
+                                   if "unevaluatedProperties" in s else None,
+                                   self.sub_of(s["unevaluatedItems"], base, p("unevaluatedItems"))
+                                   if "unevaluatedItems" in s else None, ptr)
         return out
+
+    def split_overlaps(self, conjs: list[Conj], ptr: str) -> list[Conj]:
+        """Equivalent alternatives that are pairwise disjoint, each the meet of the ones that hold."""
+        conjs = [c for c in conjs if not self.conj_empty(c, 1)]
+        if all(self.disjoint((conjs[i],), (conjs[j],)) for i in range(len(conjs)) for j in range(i + 1, len(conjs))):
+            return conjs
+        if len(conjs) > 8:
+            self.unenforceable("unevaluatedProperties/unevaluatedItems over more than 8 overlapping "
+                               "alternatives (anyOf/oneOf/if) is not supported", ptr)
+            return conjs
+        parts: list[DNF] = []
+        negs = [self.neg_conj(c, ptr) for c in conjs]
+        for mask in range(1, 2 ** len(conjs)):
+            cur: DNF = (TOP,)
+            for i, c in enumerate(conjs):
+                cur = _meet_dnf(cur, (c,) if mask >> i & 1 else negs[i], ptr)
+                if not cur:
+                    break
+            parts.append(tuple(c for c in cur if not self.conj_empty(c, 1)))
+        return list(_join_dnf(*parts))
+
+    def unevaluated(self, d: DNF, uprops: Sub | None, uitems: Sub | None, ptr: str) -> DNF:
+        """Apply unevaluatedProperties/unevaluatedItems to the shape of their schema's other keywords.
+
+        A value's evaluated members are the union over the alternatives it satisfies, so overlapping
+        alternatives are first split into disjoint ones (each subset of alternatives that hold, with
+        the others negated; negation evaluates nothing).
+        """
+        out = [x for x in (_tidy(c.only(*(c.kinds - {"object", "array"}))) for c in d) if x is not None]
+        for kind, u in (("object", uprops), ("array", uitems)):
+            part = [x for x in (_tidy(c.only(kind)) for c in d) if x is not None]
+            if u is None:
+                out += part
+                continue
+            for c in self.split_overlaps(part, ptr):
+                if kind == "object":
+                    o = c.obj or Obj()
+                    ev = [comp for comp in o.comps if comp.evaluates]
+                    if not any(comp.explicit for comp in ev):
+                        comp = ObjComp(props=tuple(dict.fromkeys((n, TRUE) for x in ev for n, _ in x.props)),
+                                       patterns=tuple(dict.fromkeys((pat, TRUE, pp) for x in ev for pat, _, pp in x.patterns)),
+                                       additional=u, explicit=True, evaluates=True)
+                        c = _meet(c, Conj(obj=Obj(comps=(comp,))))
+                else:
+                    a = c.arr or Arr()
+                    if not a.ev_all:
+                        rest = u if not a.ev_contains else self.dnf_sub(
+                            _join_dnf(self.shape(u), *(self.shape(x) for x in a.ev_contains)))
+                        c = _meet(c, Conj(arr=Arr(prefix=(TRUE,) * a.ev_prefix, rest=rest, ev_all=True)))
+                if c is not None:
+                    out.append(c)
+        return tuple(dict.fromkeys(out))
 
     def record_value(self, v: Any, kw: str, ptr: str) -> tuple:
         cv = _json_value(v, kw, ptr)
@@ -866,9 +939,12 @@ class _Normalizer:
         u = s.get("uniqueItems", False)
         if not isinstance(u, bool):
             raise SchemaError(f"'uniqueItems' must be a boolean, got {u!r}", pointer=p("uniqueItems"))
+        ev_prefix = len(prefix)
+        ev_all = "items" in s and not isinstance(items, list) or isinstance(items, list) and "additionalItems" in s
         while prefix and prefix[-1] == rest:
             prefix = prefix[:-1]
-        return Arr(prefix=prefix, rest=rest, min=mn, max=mx, contains=contains, unique=p("uniqueItems") if u else None)
+        return Arr(prefix=prefix, rest=rest, min=mn, max=mx, contains=contains, unique=p("uniqueItems") if u else None,
+                   ev_prefix=ev_prefix, ev_all=ev_all, ev_contains=(self.sub_of(s["contains"], base, p("contains")),) if "contains" in s else ())
 
     def object_keywords(self, s: dict, base: str, ptr: str) -> Obj:
         p = lambda kw: f"{ptr}/{_esc(kw)}"  # noqa: E731
@@ -889,6 +965,7 @@ class _Normalizer:
                     ),
                     additional=self.sub_of(s.get("additionalProperties", True), base, p("additionalProperties")),
                     explicit="additionalProperties" in s,
+                    evaluates=True,
                 ),
             )
         req = s.get("required", [])
@@ -978,11 +1055,14 @@ class _Normalizer:
         return out
 
     def neg_conj(self, c: Conj, ptr: str) -> DNF:
-        out: list[Conj] = []
+        """The complement of one alternative as pairwise disjoint alternatives.
+
+        Each keyword's violation is met with the keywords before it holding (``¬k1 ∪ (k1 ∧ ¬k2) ∪
+        ...``), so the parts never overlap; that keeps later oneOf/unevaluated* splits small.
+        """
         others = ALL_KINDS - c.kinds
-        if others:
-            out.append(Conj(kinds=others))
         if c.enum is not None:
+            out: list[Conj] = [Conj(kinds=others)] if others else []
             vals = [v for v in c.enum if self.check_conj(replace(c, enum=None), v)]
             for kind in sorted(c.kinds):
                 kv = [v for v in vals if _cv_kind(v) == kind]
@@ -996,16 +1076,28 @@ class _Normalizer:
                 elif kind in ("array", "object"):
                     out.extend(self.neg_values(kind, kv, ptr))
             return tuple(out)
+        pairs: list[tuple[Conj, Conj]] = []
+        if others:
+            pairs.append((Conj(kinds=others), Conj(kinds=c.kinds)))
         for a in sorted(c.num, key=repr):
-            out.append(self.neg_num_atom(a))
+            pairs.append((self.neg_num_atom(a), Conj(num=frozenset({a}))))
         for a in sorted(c.strs, key=repr):
             n = self.neg_str_atom(a)
             if n is not None:
-                out.append(n)
+                pairs.append((n, Conj(strs=frozenset({a}))))
         if c.arr is not None:
-            out.extend(self.neg_arr(c.arr, ptr))
+            pairs += [(Conj(kinds=frozenset({"array"}), arr=v), Conj(arr=p)) for v, p in self.neg_arr(c.arr, ptr)]
         if c.obj is not None:
-            out.extend(self.neg_obj(c.obj, ptr))
+            pairs += [(Conj(kinds=frozenset({"object"}), obj=v), Conj(obj=p)) for v, p in self.neg_obj(c.obj, ptr)]
+        out = []
+        held: Conj | None = TOP
+        for violation, positive in pairs:
+            part = _meet(held, violation)
+            if part is not None:
+                out.append(part)
+            held = _meet(held, positive)
+            if held is None:
+                break
         return tuple(out)
 
     @staticmethod
@@ -1052,49 +1144,53 @@ class _Normalizer:
             out = _meet_dnf(out, tuple(a for a in alts if a is not None), ptr)
         return list(out)
 
-    def neg_arr(self, a: Arr, ptr: str) -> list[Conj]:
-        k = frozenset({"array"})
+    def neg_arr(self, a: Arr, ptr: str) -> list[tuple[Arr, Arr]]:
+        """(violation, the keyword itself) for each array keyword of ``a``."""
         out = []
         if a.min > 0:
-            out.append(Arr(max=a.min - 1))
+            out.append((Arr(max=a.min - 1), Arr(min=a.min)))
         if a.max is not None:
-            out.append(Arr(min=a.max + 1))
+            out.append((Arr(min=a.max + 1), Arr(max=a.max)))
         for i, s in enumerate(a.prefix):
             if s != TRUE:
-                out.append(Arr(prefix=(TRUE,) * i + (self.neg_sub(s, ptr),), min=i + 1))
+                pad = (TRUE,) * i
+                out.append((Arr(prefix=pad + (self.neg_sub(s, ptr),), min=i + 1), Arr(prefix=pad + (s,))))
         if a.rest != TRUE:
-            out.append(Arr(contains=((self.neg_sub(a.rest, ptr), 1, None, len(a.prefix), ptr),)))
+            pad = (TRUE,) * len(a.prefix)
+            out.append((Arr(contains=((self.neg_sub(a.rest, ptr), 1, None, len(a.prefix), ptr),)),
+                        Arr(prefix=pad, rest=a.rest)))
         for c, cmin, cmax, frm, p in a.contains:
             if cmin > 0:
-                out.append(Arr(contains=((c, 0, cmin - 1, frm, p),)))
+                out.append((Arr(contains=((c, 0, cmin - 1, frm, p),)), Arr(contains=((c, cmin, None, frm, p),))))
             if cmax is not None:
-                out.append(Arr(contains=((c, cmax + 1, None, frm, p),)))
+                out.append((Arr(contains=((c, cmax + 1, None, frm, p),)), Arr(contains=((c, 0, cmax, frm, p),))))
         if a.unique:
             self.unenforceable("the negation of 'uniqueItems' (an array with duplicates) cannot be enforced", a.unique)
-            return [Conj(kinds=k)]
-        return [Conj(kinds=k, arr=x) for x in out]
+            return [(Arr(), Arr())]
+        return out
 
-    def neg_obj(self, o: Obj, ptr: str) -> list[Conj]:
-        k = frozenset({"object"})
+    def neg_obj(self, o: Obj, ptr: str) -> list[tuple[Obj, Obj]]:
+        """(violation, the keyword itself) for each object keyword of ``o``."""
         out = []
         if o.min > 0:
-            out.append(Obj(max=o.min - 1))
+            out.append((Obj(max=o.min - 1), Obj(min=o.min)))
         if o.max is not None:
-            out.append(Obj(min=o.max + 1))
+            out.append((Obj(min=o.max + 1), Obj(max=o.max)))
         for r in o.required:
-            out.append(Obj(comps=(self.forbid(r),)))
+            out.append((Obj(comps=(self.forbid(r),)), Obj(required=(r,))))
         for comp in o.comps:
             for name, s in comp.props:
                 if s != TRUE:
-                    out.append(Obj(comps=(ObjComp(props=((name, self.neg_sub(s, ptr)),)),), required=(name,)))
+                    out.append((Obj(comps=(ObjComp(props=((name, self.neg_sub(s, ptr)),)),), required=(name,)),
+                                Obj(comps=(ObjComp(props=((name, s),)),))))
             if any(s != TRUE for _, s, _ in comp.patterns) or comp.additional != TRUE:
                 self.unenforceable("negating patternProperties/additionalProperties needs 'some property is invalid', "
                                    "which is not supported", ptr)
-                return [Conj(kinds=k)]
+                return [(Obj(), Obj())]
         if o.names != TRUE:
             self.unenforceable("negating 'propertyNames' needs 'some name is invalid', which is not supported", ptr)
-            return [Conj(kinds=k)]
-        return [Conj(kinds=k, obj=x) for x in out]
+            return [(Obj(), Obj())]
+        return out
 
     # -- checking concrete values (enum filtering, propertyNames, disjointness) -----------------
 
