@@ -108,52 +108,61 @@ def bench_attention(args, n_ctx: int, device: torch.device, dtype: torch.dtype) 
     queries = [q.to(device, dtype) for q in queries]
     layer = _AttentionLayer(heads, kv_heads, dim).to(device)
 
-    def run(fn, label, stats=None):
-        times, outs = [], []
-        for t in range(steps + args.warmup):
-            if t == args.warmup and stats is not None:
-                stats.reset()  # hit rates over the timed steps only
-            i = max(t - args.warmup, 0)
-            k, v = keys[:, :, : n_ctx + i + 1], values[:, :, : n_ctx + i + 1]
-            sync(device)
-            start = time.perf_counter()
-            out = fn(queries[i], k, v)
-            sync(device)
-            if t >= args.warmup:
-                times.append(time.perf_counter() - start)
-                outs.append(out.float())
-        log(f"  attention n={n_ctx} {label:<24} p50 {np.median(times) * 1e3:8.3f} ms")
-        return times, outs
-
-    def dense(q, k, v):
+    def dense(q, k, v, record):
         return sdpa_attention_forward(layer, q, k, v, None, scaling=layer.scaling)[0].transpose(1, 2)
 
-    dense_times, dense_outs = run(dense, "sdpa (dense)")
-    result = {"context": n_ctx, "dense": percentiles(dense_times), "sparse": {}}
+    variants = {"dense": (dense, None, None)}
     for kernel in args.kernels:
         for regime, threshold in (("miss", 2.0), ("hit", -1.0), ("drift", args.threshold)):
             config = TokenSelectConfig(n_sink=args.n_sink, n_local=args.n_local, top_k=args.top_k,
                                        threshold=threshold, kernel=kernel)
             cache, stats = LayerCache(), TokenSelectStats()
 
-            records: list = []
-
-            def sparse(q, k, v, config=config, cache=cache, stats=stats, records=records):
-                record: list = []
-                records.append(record)
+            def sparse(q, k, v, record, config=config, cache=cache, stats=stats):
                 return sparse_attention(q, k, v, None, scaling=layer.scaling, config=config, cache=cache,
                                         stats=stats, record=record)
 
-            times, outs = run(sparse, f"tokenselect {kernel}/{regime}", stats)
-            errors = [float((o - d).norm() / d.norm()) for o, d in zip(outs, dense_outs)]
-            masses = [selected_mass(queries[i], keys[:, :, : n_ctx + i + 1], rec, layer.scaling)
-                      for i, rec in enumerate(records[args.warmup:])]
-            result["sparse"][f"{kernel}/{regime}"] = {
-                **percentiles(times), "threshold": threshold, "hit_rate": stats.hit_rate,
-                "speedup_p50": float(np.median(dense_times) / np.median(times)),
-                "rel_error_mean": float(np.mean(errors)), "rel_error_max": float(np.max(errors)),
-                "selected_mass_mean": float(np.mean(masses)), "selected_mass_min": float(np.min(masses)),
-            }
+            variants[f"{kernel}/{regime}"] = (sparse, stats, threshold)
+
+    # Variants take turns step by step, so load swings on a shared machine hit them all alike.
+    times = {name: [] for name in variants}
+    outs = {name: [] for name in variants}
+    records = {name: [] for name in variants}
+    for t in range(steps + args.warmup):
+        i = max(t - args.warmup, 0)
+        # Contiguous, as a transformers DynamicCache hands them over.
+        k, v = keys[:, :, : n_ctx + i + 1].contiguous(), values[:, :, : n_ctx + i + 1].contiguous()
+        for name, (fn, stats, _) in variants.items():
+            if t == args.warmup and stats is not None:
+                stats.reset()  # hit rates over the timed steps only
+            record: list = []
+            sync(device)
+            start = time.perf_counter()
+            out = fn(queries[i], k, v, record)
+            sync(device)
+            if t >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+                outs[name].append(out.float())
+                records[name].append(record)
+        if t >= args.warmup and (t - args.warmup) % 8 == 7:
+            log(f"  attention n={n_ctx} step {t - args.warmup + 1}/{steps}")
+
+    result = {"context": n_ctx, "dense": percentiles(times["dense"]), "sparse": {}}
+    log(f"  attention n={n_ctx} {'sdpa (dense)':<26} p50 {np.median(times['dense']) * 1e3:9.3f} ms")
+    for name, (_, stats, threshold) in variants.items():
+        if stats is None:
+            continue
+        errors = [float((o - d).norm() / d.norm()) for o, d in zip(outs[name], outs["dense"])]
+        masses = [selected_mass(queries[i], keys[:, :, : n_ctx + i + 1], rec, layer.scaling)
+                  for i, rec in enumerate(records[name])]
+        speedup = float(np.median(times["dense"]) / np.median(times[name]))
+        result["sparse"][name] = {
+            **percentiles(times[name]), "threshold": threshold, "hit_rate": stats.hit_rate, "speedup_p50": speedup,
+            "rel_error_mean": float(np.mean(errors)), "rel_error_max": float(np.max(errors)),
+            "selected_mass_mean": float(np.mean(masses)), "selected_mass_min": float(np.min(masses)),
+        }
+        log(f"  attention n={n_ctx} {'tokenselect ' + name:<26} p50 {np.median(times[name]) * 1e3:9.3f} ms "
+            f"x{speedup:.2f} hit {stats.hit_rate:.2f} mass {np.mean(masses):.3f}")
     return result
 
 
@@ -238,10 +247,15 @@ def main() -> None:
                    help="TokenSelect kernels for the attention step; the last one is used end to end")
     p.add_argument("--sigma", type=float, default=2.0, help="query scale of the synthetic attention data")
     p.add_argument("--drift", type=float, default=0.35, help="mean per-step query drift of the 'drift' regime")
+    p.add_argument("--threads", type=int, default=0 if on_gpu else 1,
+                   help="torch intra-op threads (0: torch's default). One on a shared CPU: with two threads, "
+                        "every op waits on a preempted OpenMP worker and small ops slow down 10-100x")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--out", default="")
     args = p.parse_args()
     args.kernels = args.kernels.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     contexts = [int(c) for c in args.contexts.split(",")]
 

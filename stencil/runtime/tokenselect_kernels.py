@@ -30,6 +30,7 @@ __all__ = [
     "attend_reference",
     "compact",
     "fixed_mask",
+    "gather_keys",
     "score_fused",
     "score_reference",
     "top_k_mask",
@@ -102,9 +103,15 @@ def compact(sel: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, 
     return idx[:, :width].masked_fill(~valid, 0), valid
 
 
-def _gather_keys(states: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    batch, n_kv, _, dim = states.shape
-    return states.gather(2, idx[:, None, :, None].expand(batch, n_kv, idx.shape[1], dim))
+def gather_keys(states: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``states[b, h, idx[b, s]]`` as ``(B, Hkv, S, D)``."""
+    batch, n_kv, n_keys, dim = states.shape
+    if not states.is_contiguous():
+        return states.gather(2, idx[:, None, :, None].expand(batch, n_kv, idx.shape[1], dim))
+    # Whole rows through one index_select: about 3x faster on CPU than gather, which reads an index per element.
+    base = torch.arange(batch * n_kv, device=idx.device).view(batch, n_kv, 1) * n_keys
+    rows = (base + idx[:, None, :]).reshape(-1)
+    return states.view(-1, dim).index_select(0, rows).view(batch, n_kv, idx.shape[1], dim)
 
 
 def attend_reference(
@@ -116,8 +123,8 @@ def attend_reference(
     Float32, explicit softmax. A query that sees nothing gets zeros, as SDPA gives.
     """
     groups = query.shape[1] // key.shape[1]
-    keys = repeat_kv(_gather_keys(key, idx).float(), groups)
-    values = repeat_kv(_gather_keys(value, idx).float(), groups)
+    keys = repeat_kv(gather_keys(key, idx).float(), groups)
+    values = repeat_kv(gather_keys(value, idx).float(), groups)
     logits = torch.einsum("bhqd,bhsd->bhqs", query.float(), keys) * scaling
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
@@ -132,8 +139,8 @@ def attend_fused(
     per KV group so no key is repeated."""
     batch, n_q, n_query, _ = query.shape
     n_kv = key.shape[1]
-    keys = _gather_keys(key, idx)
-    values = _gather_keys(value, idx)
+    keys = gather_keys(key, idx)
+    values = gather_keys(value, idx)
     if n_query == 1:
         packed = query.reshape(batch, n_kv, n_q // n_kv, query.shape[-1])
         out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=allowed[:, None], scale=scaling)

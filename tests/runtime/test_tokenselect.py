@@ -225,6 +225,18 @@ def test_compact_gives_sorted_selected_indices(batch, n_keys, seed):
         assert valid[b].tolist() == sorted(valid[b].tolist(), reverse=True)  # valid slots first
 
 
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 30), st.integers(0, 2**31 - 1))
+def test_gather_keys_contiguous_and_strided_agree(batch, n_kv, n_keys, seed):
+    g = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(batch, n_kv, n_keys + 5, 4, generator=g)
+    idx = torch.randint(0, n_keys, (batch, 7), generator=g)
+    strided = buffer[:, :, :n_keys]
+    want = torch.stack([torch.stack([strided[b, h, idx[b]] for h in range(n_kv)]) for b in range(batch)])
+    assert torch.equal(K.gather_keys(strided, idx), want)
+    assert torch.equal(K.gather_keys(strided.contiguous(), idx), want)
+
+
 # ----------------------------------------------------------------------------------------------- the selected set
 
 
