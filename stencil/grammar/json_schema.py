@@ -406,7 +406,7 @@ class _Document:
         self.resources: dict[str, Any] = {}  # absolute URI without fragment -> schema
         self.has_unevaluated = False
         self.anchors: dict[tuple[str, str], Any] = {}
-        self.dynamic_anchors: dict[str, list] = {}
+        self.dynamic_anchors: dict[str, set] = {}  # resource URI -> its $dynamicAnchor names
         self.info: dict[int, tuple[str, str]] = {}  # id(schema dict) -> (base URI, pointer)
         self._keep: list = []  # keeps indexed objects alive so id() stays unique
         self.index(root, _DEFAULT_BASE, "")
@@ -437,7 +437,7 @@ class _Document:
                 if isinstance(a, str):
                     self.anchors[(base, a)] = s
                     if key == "$dynamicAnchor":
-                        self.dynamic_anchors.setdefault(a, []).append(s)
+                        self.dynamic_anchors.setdefault(base, set()).add(a)
             for k in _SUB_ONE:
                 if k in s and isinstance(s[k], (dict, bool)):
                     stack.append((s[k], base, f"{ptr}/{k}"))
@@ -447,6 +447,15 @@ class _Document:
             for k in _SUB_MAP:
                 if isinstance(s.get(k), dict):
                     stack.extend((x, base, f"{ptr}/{k}/{_esc(n)}") for n, x in s[k].items() if isinstance(x, (dict, bool)))
+
+    def enter(self, ctx: tuple, resource: str) -> tuple:
+        """The dynamic scope after entering ``resource``: its anchors, unless an outer one has them."""
+        names = self.dynamic_anchors.get(resource)
+        if not names:
+            return ctx
+        have = {n for n, _ in ctx}
+        new = [(n, resource) for n in names if n not in have]
+        return tuple(sorted(ctx + tuple(new))) if new else ctx
 
     def where(self, node: Any, default_base: str, default_ptr: str) -> tuple[str, str]:
         return self.info.get(id(node), (default_base, default_ptr))
@@ -644,8 +653,12 @@ class _Normalizer:
             return self.canon_ids.setdefault(("v", "float", node), len(self.canon_ids)), False
         raise SchemaError(f"{type(node).__name__} is not a JSON value")
 
-    def sub_of(self, node: Any, base: str, ptr: str) -> Sub:
-        """The Sub of a subschema found at ``ptr`` (``true``/``{}`` give the empty conjunction)."""
+    def sub_of(self, node: Any, base: str, ptr: str, ctx: tuple = ()) -> Sub:
+        """The Sub of a subschema found at ``ptr`` (``true``/``{}`` give the empty conjunction).
+
+        ``ctx`` is the dynamic scope as far as ``$dynamicRef`` cares: for each dynamic anchor name,
+        the outermost schema resource entered so far that defines it.
+        """
         if node is True or (isinstance(node, dict) and not node):
             return TRUE
         if node is False:
@@ -653,10 +666,15 @@ class _Normalizer:
         if not isinstance(node, dict):
             raise SchemaError(f"a schema must be an object or a boolean, got {type(node).__name__}", pointer=ptr)
         base, ptr = self.doc.where(node, base, ptr)
+        if self.doc.dynamic_anchors:
+            ctx = self.doc.enter(ctx, base)
+        else:
+            ctx = ()
         cid, has_ref = self.canon(node)
-        a = self._atom(("loc", cid, base if has_ref else ""), ptr)
-        if len(self.atoms[a]) == 3:
-            self.atoms[a] = ("loc", cid, base if has_ref else "", node, base)
+        key = ("loc", cid, base if has_ref else "", ctx)
+        a = self._atom(key, ptr)
+        if len(self.atoms[a]) == 4:
+            self.atoms[a] = key + (node, base)
         return frozenset({a})
 
     def dnf_sub(self, dnf: DNF) -> Sub:
@@ -714,7 +732,7 @@ class _Normalizer:
             if key[0] == "false":
                 out: DNF = ()
             elif key[0] == "loc":
-                out = self.normalize(key[3], key[4], self.atom_ptr[a])
+                out = self.normalize(key[4], key[5], self.atom_ptr[a], key[3])
             elif key[0] == "dnf":
                 out = key[1]
             else:
@@ -729,7 +747,7 @@ class _Normalizer:
         self.atom_shapes[a] = out
         return out
 
-    def normalize(self, s: dict, base: str, ptr: str) -> DNF:
+    def normalize(self, s: dict, base: str, ptr: str, ctx: tuple) -> DNF:
         """The shape of one schema object (its keywords intersected)."""
         kinds = ALL_KINDS
         num: set = set()
@@ -791,15 +809,15 @@ class _Normalizer:
 
         # arrays
         if any(k in s for k in ("items", "prefixItems", "minItems", "maxItems", "contains", "uniqueItems")):
-            arr = self.array_keywords(s, base, ptr)
+            arr = self.array_keywords(s, base, ptr, ctx)
 
         # objects
         if any(k in s for k in ("properties", "patternProperties", "additionalProperties", "required",
                                 "minProperties", "maxProperties", "propertyNames")):
-            obj = self.object_keywords(s, base, ptr)
+            obj = self.object_keywords(s, base, ptr, ctx)
         for kw in ("dependentRequired", "dependentSchemas", "dependencies"):
             if kw in s:
-                extra.extend(self.dependencies(s[kw], kw, base, p(kw)))
+                extra.extend(self.dependencies(s[kw], kw, base, p(kw), ctx))
 
         # applicators
         for kw in ("allOf", "anyOf", "oneOf"):
@@ -807,7 +825,7 @@ class _Normalizer:
                 xs = s[kw]
                 if not isinstance(xs, list) or not xs:
                     raise SchemaError(f"'{kw}' must be a non-empty array of schemas", pointer=p(kw))
-                subs = [self.sub_of(x, base, f"{p(kw)}/{i}") for i, x in enumerate(xs)]
+                subs = [self.sub_of(x, base, f"{p(kw)}/{i}", ctx) for i, x in enumerate(xs)]
                 if kw == "allOf":
                     extra.extend(self.shape(x) for x in subs)
                 elif kw == "anyOf":
@@ -815,11 +833,11 @@ class _Normalizer:
                 else:
                     extra.append(self.one_of(subs, p(kw)))
         if "not" in s:
-            extra.append(self.shape(self.neg_sub(self.sub_of(s["not"], base, p("not")), p("not"))))
+            extra.append(self.shape(self.neg_sub(self.sub_of(s["not"], base, p("not"), ctx), p("not"))))
         if "if" in s and ("then" in s or "else" in s or self.doc.has_unevaluated):
-            cond = self.sub_of(s["if"], base, p("if"))
-            then = self.sub_of(s.get("then", True), base, p("then"))
-            other = self.sub_of(s.get("else", True), base, p("else"))
+            cond = self.sub_of(s["if"], base, p("if"), ctx)
+            then = self.sub_of(s.get("then", True), base, p("then"), ctx)
+            other = self.sub_of(s.get("else", True), base, p("else"), ctx)
             yes = _meet_dnf(self.shape(cond), self.shape(then), p("if"))
             no = _meet_dnf(self.shape(self.neg_sub(cond, p("if"))), self.shape(other), p("if"))
             extra.append(_join_dnf(yes, no))
@@ -828,13 +846,13 @@ class _Normalizer:
             if not isinstance(ref, str):
                 raise SchemaError(f"'$ref' must be a string, got {ref!r}", pointer=p("$ref"))
             node, b2, p2 = self.doc.resolve(ref, base, p("$ref"))
-            extra.append(self.shape(self.sub_of(node, b2, p2)))
+            extra.append(self.shape(self.sub_of(node, b2, p2, ctx)))
             if self.draft4:
                 # Before draft 2019-09 a $ref replaces its siblings.
                 return extra[-1]
         for kw in ("$dynamicRef", "$recursiveRef"):
             if kw in s:
-                extra.append(self.dynamic_ref(s[kw], kw, base, p(kw)))
+                extra.append(self.dynamic_ref(s[kw], kw, base, p(kw), ctx))
         head = _tidy(Conj(kinds=kinds, num=frozenset(num), strs=frozenset(strs), arr=arr, obj=obj, enum=enum))
         out: DNF = () if head is None else (head,)
         for d in extra:
@@ -843,9 +861,9 @@ class _Normalizer:
             out = _meet_dnf(out, d, ptr)
         if out and ("unevaluatedProperties" in s or "unevaluatedItems" in s):
             # Present even as true: it then evaluates every member, which an enclosing one sees.
-            out = self.unevaluated(out, self.sub_of(s["unevaluatedProperties"], base, p("unevaluatedProperties"))
+            out = self.unevaluated(out, self.sub_of(s["unevaluatedProperties"], base, p("unevaluatedProperties"), ctx)
                                    if "unevaluatedProperties" in s else None,
-                                   self.sub_of(s["unevaluatedItems"], base, p("unevaluatedItems"))
+                                   self.sub_of(s["unevaluatedItems"], base, p("unevaluatedItems"), ctx)
                                    if "unevaluatedItems" in s else None, ptr)
         return out
 
@@ -915,23 +933,23 @@ class _Normalizer:
             for x, c in zip(v, cv[1]):
                 self._remember_order(x, c)
 
-    def array_keywords(self, s: dict, base: str, ptr: str) -> Arr:
+    def array_keywords(self, s: dict, base: str, ptr: str, ctx: tuple) -> Arr:
         p = lambda kw: f"{ptr}/{_esc(kw)}"  # noqa: E731
         items = s.get("items", True)
         if isinstance(items, list):  # draft 2019-09 and earlier: tuple validation
-            prefix = tuple(self.sub_of(x, base, f"{p('items')}/{i}") for i, x in enumerate(items))
-            rest = self.sub_of(s.get("additionalItems", True), base, p("additionalItems"))
+            prefix = tuple(self.sub_of(x, base, f"{p('items')}/{i}", ctx) for i, x in enumerate(items))
+            rest = self.sub_of(s.get("additionalItems", True), base, p("additionalItems"), ctx)
         else:
             pi = s.get("prefixItems", [])
             if not isinstance(pi, list):
                 raise SchemaError("'prefixItems' must be an array of schemas", pointer=p("prefixItems"))
-            prefix = tuple(self.sub_of(x, base, f"{p('prefixItems')}/{i}") for i, x in enumerate(pi))
-            rest = self.sub_of(items, base, p("items"))
+            prefix = tuple(self.sub_of(x, base, f"{p('prefixItems')}/{i}", ctx) for i, x in enumerate(pi))
+            rest = self.sub_of(items, base, p("items"), ctx)
         mn = _nonneg_int(s["minItems"], "minItems", p("minItems")) if "minItems" in s else 0
         mx = _nonneg_int(s["maxItems"], "maxItems", p("maxItems")) if "maxItems" in s else None
         contains: tuple = ()
         if "contains" in s:
-            c = self.sub_of(s["contains"], base, p("contains"))
+            c = self.sub_of(s["contains"], base, p("contains"), ctx)
             cmin = _nonneg_int(s["minContains"], "minContains", p("minContains")) if "minContains" in s else 1
             cmax = _nonneg_int(s["maxContains"], "maxContains", p("maxContains")) if "maxContains" in s else None
             if cmin > 0 or cmax is not None:
@@ -944,9 +962,9 @@ class _Normalizer:
         while prefix and prefix[-1] == rest:
             prefix = prefix[:-1]
         return Arr(prefix=prefix, rest=rest, min=mn, max=mx, contains=contains, unique=p("uniqueItems") if u else None,
-                   ev_prefix=ev_prefix, ev_all=ev_all, ev_contains=(self.sub_of(s["contains"], base, p("contains")),) if "contains" in s else ())
+                   ev_prefix=ev_prefix, ev_all=ev_all, ev_contains=(self.sub_of(s["contains"], base, p("contains"), ctx),) if "contains" in s else ())
 
-    def object_keywords(self, s: dict, base: str, ptr: str) -> Obj:
+    def object_keywords(self, s: dict, base: str, ptr: str, ctx: tuple) -> Obj:
         p = lambda kw: f"{ptr}/{_esc(kw)}"  # noqa: E731
         comps: tuple = ()
         if any(k in s for k in ("properties", "patternProperties", "additionalProperties")):
@@ -957,13 +975,13 @@ class _Normalizer:
                     raise SchemaError(f"'{kw}' must be an object of schemas", pointer=p(kw))
             comps = (
                 ObjComp(
-                    props=tuple((n, self.sub_of(x, base, f"{p('properties')}/{_esc(n)}")) for n, x in props.items()),
+                    props=tuple((n, self.sub_of(x, base, f"{p('properties')}/{_esc(n)}", ctx)) for n, x in props.items()),
                     patterns=tuple(
-                        (pat, self.sub_of(x, base, f"{p('patternProperties')}/{_esc(pat)}"),
+                        (pat, self.sub_of(x, base, f"{p('patternProperties')}/{_esc(pat)}", ctx),
                          f"{p('patternProperties')}/{_esc(pat)}")
                         for pat, x in pats.items()
                     ),
-                    additional=self.sub_of(s.get("additionalProperties", True), base, p("additionalProperties")),
+                    additional=self.sub_of(s.get("additionalProperties", True), base, p("additionalProperties"), ctx),
                     explicit="additionalProperties" in s,
                     evaluates=True,
                 ),
@@ -977,13 +995,13 @@ class _Normalizer:
                 raise SchemaError(f"'required' must be an array of strings, got {req!r}", pointer=p("required"))
         mn = _nonneg_int(s["minProperties"], "minProperties", p("minProperties")) if "minProperties" in s else 0
         mx = _nonneg_int(s["maxProperties"], "maxProperties", p("maxProperties")) if "maxProperties" in s else None
-        names = self.sub_of(s.get("propertyNames", True), base, p("propertyNames"))
+        names = self.sub_of(s.get("propertyNames", True), base, p("propertyNames"), ctx)
         return Obj(comps=comps, required=_uniq(req), min=mn, max=mx, names=names, min_ptr=p("minProperties"))
 
     def forbid(self, name: str) -> ObjComp:
         return ObjComp(props=((name, self.FALSE_SUB),))
 
-    def dependencies(self, deps: Any, kw: str, base: str, ptr: str) -> list[DNF]:
+    def dependencies(self, deps: Any, kw: str, base: str, ptr: str, ctx: tuple) -> list[DNF]:
         if not isinstance(deps, dict):
             raise SchemaError(f"'{kw}' must be an object", pointer=ptr)
         out = []
@@ -1000,14 +1018,14 @@ class _Normalizer:
                 out.append((not_obj, absent, present))
             elif isinstance(d, (dict, bool)) and kw != "dependentRequired":
                 present = Conj(kinds=frozenset({"object"}), obj=Obj(required=(name,)))
-                then = _meet_dnf((present,), self.shape(self.sub_of(d, base, q)), q)
+                then = _meet_dnf((present,), self.shape(self.sub_of(d, base, q, ctx)), q)
                 out.append(_join_dnf((not_obj, absent), then))
             else:
                 raise SchemaError(f"'{kw}' values must be {'arrays of names' if kw == 'dependentRequired' else 'schemas'}",
                                   pointer=q)
         return out
 
-    def dynamic_ref(self, ref: Any, kw: str, base: str, ptr: str) -> DNF:
+    def dynamic_ref(self, ref: Any, kw: str, base: str, ptr: str, ctx: tuple) -> DNF:
         if not isinstance(ref, str):
             raise SchemaError(f"'{kw}' must be a string", pointer=ptr)
         if kw == "$recursiveRef":
@@ -1016,14 +1034,16 @@ class _Normalizer:
             if len(anchors) > 1:
                 self.unenforceable("'$recursiveRef' with several recursive anchors needs dynamic scope", ptr)
                 return (TOP,)
-            return self.shape(self.sub_of(node, b2, p2))
+            return self.shape(self.sub_of(node, b2, p2, ctx))
         frag = urldefrag(_join_uri(base, ref))[1]
-        holders = self.doc.dynamic_anchors.get(frag, [])
-        if len(holders) > 1:
-            self.unenforceable("'$dynamicRef' whose anchor is defined more than once needs dynamic scope", ptr)
-            return (TOP,)
         node, b2, p2 = self.doc.resolve(ref, base, ptr)
-        return self.shape(self.sub_of(node, b2, p2))
+        if isinstance(node, dict) and node.get("$dynamicAnchor") == frag:
+            # The static target is a dynamic anchor: the outermost resource in scope with that anchor wins.
+            outer = dict(ctx).get(frag)
+            if outer is not None and (outer, frag) in self.doc.anchors:
+                node = self.doc.anchors[(outer, frag)]
+                b2, p2 = self.doc.where(node, outer, p2)
+        return self.shape(self.sub_of(node, b2, p2, ctx))
 
     def one_of(self, subs: list[Sub], ptr: str) -> DNF:
         """Exactly one branch: the union when branches are disjoint, else branch i minus the others."""
