@@ -559,14 +559,28 @@ def _hex4(ranges: Ranges) -> Expr:
     )
 
 
-@lru_cache(maxsize=4096)
-def json_char(ranges: Ranges) -> Expr:
-    """Every JSON string-body spelling of one character from code-point ``ranges``."""
+PRINTABLE_ASCII: Ranges = ((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7E))
+"""Printable ASCII other than ``"`` and ``\``: with ``raw_ascii`` these are only ever written raw."""
+
+
+@lru_cache(maxsize=8192)
+def json_char(ranges: Ranges, raw_ascii: bool = False) -> Expr:
+    """Every JSON string-body spelling of one character from code-point ``ranges``.
+
+    ``raw_ascii=True`` drops the escaped spellings (``\\u0041``, ``\\/``) of printable ASCII, which no
+    JSON serializer writes (``json.dumps`` never does); other characters keep all their spellings.
+    """
+    ranges = scalar_ranges(ranges)
+    raw = intersect_ranges(ranges, _RAW)
+    return alt(*([CharClass(raw)] if raw else []),
+               json_escapes(subtract_ranges(ranges, PRINTABLE_ASCII) if raw_ascii else ranges))
+
+
+@lru_cache(maxsize=8192)
+def json_escapes(ranges: Ranges) -> Expr:
+    """The escaped spellings (short escapes, ``\\uXXXX``, surrogate pairs) of characters in ``ranges``."""
     ranges = scalar_ranges(ranges)
     opts: list[Expr] = []
-    raw = intersect_ranges(ranges, _RAW)
-    if raw:
-        opts.append(CharClass(raw))
     short = [c for c in _SHORT_ESCAPES if intersect_ranges(ranges, ((c, c),))]
     if short:
         opts.append(seq(lit("\\"), ByteClass(normalize_ranges((ord(_SHORT_ESCAPES[c]),) * 2 for c in short))))
@@ -592,9 +606,11 @@ def json_char(ranges: Ranges) -> Expr:
     return alt(*opts) if opts else NOTHING
 
 
-def json_text(text: str) -> Expr:
-    """Every JSON string-body spelling of the decoded string ``text``."""
-    return seq(*(json_char(((ord(c), ord(c)),)) for c in text))
+def json_text(text: str, raw_ascii: bool = False) -> Expr:
+    """Every JSON string-body spelling of the decoded string ``text`` (see :func:`json_char`)."""
+    if raw_ascii and all(0x20 <= ord(c) <= 0x7E and c not in '"\\' for c in text):
+        return lit(text)
+    return seq(*(json_char(((ord(c), ord(c)),), raw_ascii) for c in text))
 
 
 def json_expr(e: Expr, label: Callable[[Ranges], Expr] = json_char) -> Expr:

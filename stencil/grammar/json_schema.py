@@ -1516,8 +1516,7 @@ def _num_atom_holds(a: tuple, x: Decimal) -> bool:
 # Emission: shapes to grammar rules
 # ----------------------------------------------------------------------------------------------
 
-_PRINTABLE_RAW: lx.Ranges = ((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7F))
-_NON_PRINTABLE: lx.Ranges = lx.subtract_ranges(lx.ALL, _PRINTABLE_RAW)
+_RAW_WRITABLE: lx.Ranges = lx.subtract_ranges(((0x20, lx.MAX_CODE_POINT),), ((0x22, 0x22), (0x5C, 0x5C)))
 _REPEAT_CHUNK = 256
 _MAX_AUTOMATON = 20_000
 _MAX_ANY_ORDER_STATES = 4096
@@ -1596,7 +1595,7 @@ class _Compiler(_Normalizer):
             x = v[1]
             return lx.value_spellings(x) if x == 0 else alt(lx.value_spellings(x), lx.exponent_spellings(x))
         if tag == "str":
-            return seq(lit('"'), lx.json_text(v[1]), lit('"'))
+            return seq(lit('"'), lx.json_text(v[1], raw_ascii=True), lit('"'))
         if tag == "arr":
             if not v[1]:
                 return seq(lit("["), self.ws, lit("]"))
@@ -1656,16 +1655,14 @@ class _Compiler(_Normalizer):
             if len(regular) == 1 and regular[0][0] in ("re", "fmt") and lo == 0 and hi is None:
                 # Too big to determinize, but alone it needs no intersection: spell the expression.
                 try:
-                    return lx.json_expr(self.atom_expr(regular[0]))
+                    return lx.json_expr(self.atom_expr(regular[0]), lambda r: lx.json_char(r, True))
                 except _Unenforceable:
                     pass
             self.unenforceable(e.message, e.pointer)
             return self.counted_chars(lo, hi)
         if d is None:
             return self.counted_chars(lo, hi)
-        # Format strings, like keys of undeclared properties, spell printable ASCII raw (see char_label).
-        raw_ascii = any(a[0] == "fmt" for a in regular)
-        return lx.dfa_to_expr(d, self.char_label(d.n_states > 16, keys=raw_ascii))
+        return lx.dfa_to_expr(d, self.char_label(d.n_states > 16))
 
     def segmented_body(self, a: tuple, lo: int, hi: int) -> Expr:
         """A hostname-like format (labels joined by '.') with its total length within lo..hi.
@@ -1677,7 +1674,7 @@ class _Compiler(_Normalizer):
         from stencil.grammar import json_formats
 
         label_dfa = _label_dfa(a[1])
-        spell = lru_cache(maxsize=None)(self.char_label(False, keys=True))
+        spell = lru_cache(maxsize=None)(self.char_label(False))
         dot = spell(((ord(json_formats.SEGMENT_SEPARATOR),) * 2,))
 
         def rule(t: int) -> Expr:
@@ -1711,30 +1708,25 @@ class _Compiler(_Normalizer):
 
         return rule(0) if hi >= 1 else NOTHING
 
-    def char_label(self, big: bool, keys: bool) -> Callable[[lx.Ranges], Expr]:
-        """Spellings of one character class: inline, or a shared rule when the automaton is large.
+    def char_label(self, big: bool) -> Callable[[lx.Ranges], Expr]:
+        """Spellings of one character class in a constrained string (key, const, pattern, format).
 
-        Keys of undeclared properties (``keys=True``) spell printable ASCII raw only, as every JSON
-        serializer does; that keeps "any name but the declared ones" small and cannot let a declared
-        name in under another spelling (non-ASCII and escaped characters keep all their spellings).
+        Printable ASCII is spelled raw only (``json.dumps`` and every serializer write it so): that
+        keeps the automata small and lets "any name but the declared ones" exclude a declared name in
+        every spelling. Other characters keep all their spellings; large escape sets become shared
+        rules when the automaton is ``big``.
         """
 
         def label(ranges: lx.Ranges) -> Expr:
-            if keys:
-                raw = lx.intersect_ranges(ranges, _PRINTABLE_RAW)
-                rest = lx.intersect_ranges(ranges, _NON_PRINTABLE)
-                parts = [CharClass(raw)] if raw else []
-                if rest == _NON_PRINTABLE:
-                    parts.append(self.lazy_rule(("jc", rest), "char", lambda: lx.json_char(rest)))
-                elif rest:
-                    parts.append(label_exact(rest))
-                return alt(*parts) if parts else NOTHING
-            return label_exact(ranges)
-
-        def label_exact(ranges: lx.Ranges) -> Expr:
-            if not big or len(ranges) <= 2 and ranges[-1][1] < 0x80:
-                return lx.json_char(ranges)
-            return self.lazy_rule(("jc", ranges), "char", lambda: lx.json_char(ranges))
+            raw = lx.intersect_ranges(ranges, _RAW_WRITABLE)
+            esc = lx.subtract_ranges(ranges, lx.PRINTABLE_ASCII)
+            parts = [CharClass(raw)] if raw else []
+            if esc:
+                if not big or (len(esc) <= 2 and esc[-1][1] < 0x80):
+                    parts.append(lx.json_escapes(esc))
+                else:
+                    parts.append(self.lazy_rule(("esc", esc), "esc", lambda: lx.json_escapes(esc)))
+            return alt(*parts) if parts else NOTHING
 
         return label
 
@@ -1894,7 +1886,7 @@ class _Compiler(_Normalizer):
                 if req:
                     return NOTHING
                 continue
-            key = seq(lit('"'), lx.json_text(name), lit('"'))
+            key = seq(lit('"'), lx.json_text(name, raw_ascii=True), lit('"'))
             members.append((name, seq(key, self.ws, lit(":"), self.ws, self.value_ref(sub)), req))
         extra = self.extra_member(o, declared)
         if self.opts.any_order:
@@ -2042,7 +2034,7 @@ class _Compiler(_Normalizer):
             sub = frozenset(parts)
             if self.FALSE in sub or not self.shape(sub):
                 continue
-            key = lx.dfa_to_expr(d, self.char_label(True, keys=True))
+            key = lx.dfa_to_expr(d, self.char_label(True))
             alts.append(seq(lit('"'), key, lit('"'), self.ws, lit(":"), self.ws, self.value_ref(sub)))
         if not alts:
             return None
