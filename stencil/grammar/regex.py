@@ -66,11 +66,20 @@ from stencil.grammar.ir import (
     utf8_ranges,
 )
 
-__all__ = ["regex_to_expr", "regex_grammar", "MAX_REGEX_SIZE", "ECMA_SPACE", "ECMA_LINE_TERMINATORS"]
+__all__ = [
+    "regex_to_expr",
+    "regex_grammar",
+    "MAX_REGEX_SIZE",
+    "MAX_GROUP_DEPTH",
+    "ECMA_SPACE",
+    "ECMA_LINE_TERMINATORS",
+]
 
 # Upper bound on the automaton a regex may expand to (bounded repetitions are unrolled by the IR),
 # estimated in NFA states; past it we fail at once instead of letting the IR builder grind.
 MAX_REGEX_SIZE = 400_000
+# Parsing, lowering and the IR recurse once per nesting level; this keeps them far from Python's stack limit.
+MAX_GROUP_DEPTH = 100
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -206,6 +215,7 @@ class _Parser:
         self.p = pattern
         self.i = 0
         self.group_names: set[str] = set()
+        self.depth = 0
 
     def error(self, msg: str, pos: int) -> RegexError:
         return RegexError(msg, pattern=self.p, position=pos)
@@ -320,15 +330,19 @@ class _Parser:
         p = self.p
         self.i += 1
         if self.peek() == "?":
-            rest = p[self.i + 1 :]
-            if rest.startswith(":"):
+            j = self.i + 1
+            if p.startswith(":", j):
                 self.i += 2
-            elif rest.startswith("P<") or (rest.startswith("<") and not rest.startswith(("<=", "<!"))):
-                self.i += 2 if rest.startswith("<") else 3
+            elif p.startswith("P<", j) or (p.startswith("<", j) and not p.startswith(("<=", "<!"), j)):
+                self.i += 2 if p.startswith("<", j) else 3
                 self.group_name(start)
             else:
-                raise self.error(self.group_construct(rest), start)
+                raise self.error(self.group_construct(p[j : j + 3]), start)
+        self.depth += 1
+        if self.depth > MAX_GROUP_DEPTH:
+            raise self.error(f"groups nested more than {MAX_GROUP_DEPTH} deep", start)
         body = self.alternation()
+        self.depth -= 1
         if self.peek() != ")":
             raise self.error("missing ')': unterminated group", start)
         self.i += 1
@@ -336,7 +350,7 @@ class _Parser:
 
     @staticmethod
     def group_construct(rest: str) -> str:
-        """Name the unsupported ``(?...`` construct that ``rest`` (the text after ``(?``) starts."""
+        """Name the unsupported ``(?...`` construct that ``rest`` (the text after ``(?``) starts with."""
         for prefix, name in (
             ("=", "lookahead (?=...)"),
             ("!", "negative lookahead (?!...)"),

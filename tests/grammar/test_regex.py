@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from stencil.decode.parser import grammar_accepts
 from stencil.errors import GrammarError, RegexError
 from stencil.grammar.ir import CharClass, Lit
-from stencil.grammar.regex import regex_grammar, regex_to_expr
+from stencil.grammar.regex import MAX_GROUP_DEPTH, regex_grammar, regex_to_expr
 from tests.conftest import jsonschemabench_records, shared_path
 
 # Python (and hypothesis, parsing the same patterns) warns about "[[" and "--" inside classes.
@@ -618,6 +618,16 @@ def test_huge_repetition_is_a_clear_error(pattern: str, position: int) -> None:
         regex_grammar(pattern)
     assert info.value.position == position
     assert isinstance(info.value, GrammarError)
+
+
+def test_nesting_depth_is_bounded() -> None:
+    deep = "(" * MAX_GROUP_DEPTH + "a|b" + ")" * MAX_GROUP_DEPTH + "+"
+    g = regex_grammar(deep)
+    assert grammar_accepts(g, b"abba") and not grammar_accepts(g, b"")
+    too_deep = "(?:" * (MAX_GROUP_DEPTH + 1) + "a" + ")" * (MAX_GROUP_DEPTH + 1)
+    with pytest.raises(RegexError, match="nested") as info:
+        regex_to_expr(too_deep)
+    assert info.value.position == 3 * MAX_GROUP_DEPTH
 
 
 def test_non_string_pattern_is_a_type_error() -> None:
