@@ -27,6 +27,7 @@ bytes only, and surrogates (U+D800..U+DFFF) can never be produced.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -517,21 +518,66 @@ def _eps_free(nfa: _NFA, start: int, end: int) -> _RuleAutomaton:
     return _RuleAutomaton(final, edges)
 
 
-def _minimize(a: _RuleAutomaton) -> _RuleAutomaton:
-    """Moore partition refinement on a deterministic automaton; state 0 stays the start."""
+def _equivalence_blocks(a: _RuleAutomaton) -> list[int]:
+    """Hopcroft's partition refinement: the block (equivalence class) of every state.
+
+    The symbol axis is cut at every byte-edge boundary, so each interval between cuts is one
+    symbol for all states, and each referenced rule is one more symbol. Missing transitions go to
+    an explicit dead state. O(n k log n) for n states and k symbols, where Moore's refinement
+    would be quadratic on the long counter chains that bounded repetitions produce.
+    """
     n = len(a.final)
-    # Signature of a state under a partition: finality + each edge's (lo, hi, rule, block of target).
-    block = [1 if f else 0 for f in a.final]
-    while True:
-        sigs: dict[tuple, int] = {}
-        new_block = []
-        for s in range(n):
-            sig = (block[s], tuple((lo, hi, r, block[t]) for lo, hi, r, t in a.edges[s]))
-            new_block.append(sigs.setdefault(sig, len(sigs)))
-        if len(sigs) == len(set(block)):
-            block = new_block
-            break
-        block = new_block
+    dead = n
+    cuts = sorted({x for es in a.edges for lo, hi, r, t in es if r == -1 for x in (lo, hi + 1)})
+    rules = sorted({r for es in a.edges for lo, hi, r, t in es if r >= 0})
+    n_syms = max(len(cuts) - 1, 0) + len(rules)
+    rule_sym = {r: max(len(cuts) - 1, 0) + i for i, r in enumerate(rules)}
+    inv: list[dict[int, list[int]]] = [{} for _ in range(n_syms)]
+    for src, es in enumerate(a.edges):
+        for lo, hi, r, t in es:
+            if r >= 0:
+                inv[rule_sym[r]].setdefault(t, []).append(src)
+            else:
+                for c in range(bisect.bisect_left(cuts, lo), bisect.bisect_left(cuts, hi + 1)):
+                    inv[c].setdefault(t, []).append(src)
+    for c in range(n_syms):
+        has = {src for srcs in inv[c].values() for src in srcs}
+        inv[c][dead] = [src for src in range(n + 1) if src not in has]
+
+    finals = {q for q in range(n) if a.final[q]}
+    blocks = [b for b in (finals, set(range(n + 1)) - finals) if b]
+    block = [0] * (n + 1)
+    for i, b in enumerate(blocks):
+        for q in b:
+            block[q] = i
+    work = set(range(len(blocks)))
+    while work:
+        splitter = list(blocks[work.pop()])
+        for c in range(n_syms):
+            touched: dict[int, list[int]] = {}
+            for t in splitter:
+                for src in inv[c].get(t, ()):
+                    touched.setdefault(block[src], []).append(src)
+            for y, members in touched.items():
+                if len(members) == len(blocks[y]):
+                    continue
+                moved = set(members)
+                blocks[y] -= moved
+                blocks.append(moved)
+                new = len(blocks) - 1
+                for q in moved:
+                    block[q] = new
+                if y in work:
+                    work.add(new)
+                else:
+                    work.add(y if len(blocks[y]) <= len(moved) else new)
+    return block[:n]
+
+
+def _minimize(a: _RuleAutomaton) -> _RuleAutomaton:
+    """The minimal automaton of a deterministic one, states numbered canonically (BFS from the start)."""
+    block = _equivalence_blocks(a)
+    n = len(a.final)
     # Renumber so the start's block is 0 and blocks appear in BFS order.
     rep: dict[int, int] = {}
     for s in range(n):
