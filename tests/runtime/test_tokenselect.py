@@ -260,7 +260,7 @@ def test_selected_set_properties(cfg_values, batch, n_keys, chunk, seed):
         assert len(chosen) == min(int(cand_np[b].sum()), config.budget(chunk))
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=25)
 @given(attention_case(), configs, st.integers(0, 2**31 - 1))
 def test_causality_and_padding_are_exact(case, cfg_values, seed):
     """A query never attends a key after it or a padded key: changing those values cannot change its output,
