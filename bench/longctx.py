@@ -3,19 +3,21 @@
 Two measurements, both at decode (one new token per step, batch 1):
 
 1. **Attention step**: one Llama-3-8B-shaped attention layer (32 query heads, 8 KV heads, head dim 128) over a
-   context of N cached tokens, timed per step: transformers' SDPA attention vs TokenSelect's attention function
-   (the kernel called by the attention function once the context exceeds the budget) with three cache regimes, "miss" (threshold above 1: every step scores every key), "hit" (threshold -1:
-   every step after the first reuses the selection) and "drift" (the configured threshold, queries drifting
-   randomly: q_t = q_{t-1} + r_t |q| u_t, renormalized, u_t a random unit vector and r_t uniform in
-   [0, 2 * drift], so consecutive cosines are about 1 / sqrt(1 + r_t^2)). Also the relative error of the attention output
-   against dense, ||o_sparse - o_dense|| / ||o_dense||, on synthetic data (keys N(0, 1), queries N(0, sigma^2):
-   a larger sigma makes attention more peaked; random keys are a hard case with no structure to exploit), and
+   context of N cached tokens, timed per step: transformers' SDPA attention vs ``sparse_attention`` (what
+   TokenSelect's attention function runs once the context exceeds the budget) in three cache regimes: "miss"
+   (threshold above 1: every step scores every key), "hit" (threshold -1: every step after the first reuses
+   the selection) and "drift" (the configured threshold, queries drifting randomly:
+   q_t = q_{t-1} + r_t |q| u_t, renormalized, u_t a random unit vector and r_t uniform in [0, 2 * drift], so
+   consecutive cosines are about 1 / sqrt(1 + r_t^2)). Also the relative error of the attention output against
+   dense, ||o_sparse - o_dense|| / ||o_dense||, on synthetic data (keys N(0, 1), queries N(0, sigma^2): a larger
+   sigma makes attention more peaked; random keys are a hard case with no structure to exploit), and
    the dense attention mass that lands on the selected keys (the error bound is 2 (1 - mass) max |v|).
 2. **End-to-end decode**: a random-weight LlamaForCausalLM with Llama-3-8B-shaped layers (``--layers`` of them)
    whose KV cache is pre-filled with N random tokens; decode tokens/s with SDPA vs TokenSelect (miss / hit /
    configured threshold).
 
-Percentiles (p50, p90, p99, max) are over steps. Results go to ``bench/results/longctx-<device>-<time>.json``.
+Attention variants take turns step by step, so load swings on a shared machine hit them alike; on CPU one torch
+thread is used by default (``--threads``). Percentiles (p50, p90, p99, max) are over steps. Results go to ``bench/results/longctx-<device>-<time>.json``.
 Progress goes to stderr. Never run by the test suite.
 
     python bench/longctx.py                          # CPU defaults: 2k and 8k context, 2 layers, float32
@@ -260,9 +262,11 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    machine = {"load_average_at_start": load, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    machine = {"load_average_at_start": load,
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "python": platform.python_version()}
     if device.type != "cuda":
         log("NOTE: no GPU: these are CPU numbers at small sizes; the H100 targets (>=5x decode attention, >=1.5x "
             "end-to-end at 128k) are NOT measured by this run.")

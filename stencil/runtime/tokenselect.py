@@ -150,29 +150,24 @@ class LayerCache:
 
 @dataclass
 class TokenSelectState:
-    """What :func:`enable` attaches to a model: the config, the per-layer caches and statistics.
-
-    Set ``record = True`` to keep each layer's last selection in ``selections`` (layer -> list of
-    ``(chunk_start, chunk_end, idx, valid)``), for inspection and tests.
-    """
+    """What :func:`enable` attaches to a model: the config, the per-layer caches and statistics."""
 
     config: TokenSelectConfig
     previous_implementation: str = "sdpa"
     caches: dict[int, LayerCache] = field(default_factory=dict)
     stats: dict[int, TokenSelectStats] = field(default_factory=dict)
-    record: bool = False
-    selections: dict[int, list] = field(default_factory=dict)
 
     def layer(self, layer_idx: int) -> tuple[LayerCache, TokenSelectStats]:
+        """The cache and counters of one layer (created on first use)."""
         return self.caches.setdefault(layer_idx, LayerCache()), self.stats.setdefault(layer_idx, TokenSelectStats())
 
     def reset_caches(self) -> None:
         """Forget every cached selection (a new sequence starts)."""
         for cache in self.caches.values():
             cache.clear()
-        self.selections.clear()
 
     def reset_stats(self) -> None:
+        """Zero every layer's counters."""
         self.stats.clear()
 
     def total_stats(self) -> TokenSelectStats:
@@ -207,6 +202,9 @@ class _Visibility:
                 field="attention_mask",
             )
         if mask.dtype != torch.bool:
+            if not mask.is_floating_point():
+                raise TokenSelectError(f"attention mask must be bool or float, got {mask.dtype}",
+                                       field="attention_mask")
             allowed = mask == 0
             if bool((~allowed & (mask > torch.finfo(mask.dtype).min / 2)).any()):
                 raise TokenSelectError(
@@ -419,13 +417,10 @@ def tokenselect_attention_forward(
         stats.dense_calls += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    record = state.selections.setdefault(module.layer_idx, []) if state.record else None
-    if record is not None:
-        record.clear()
     out = sparse_attention(
         query, key, value, attention_mask,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
-        config=config, cache=cache, stats=stats, record=record,
+        config=config, cache=cache, stats=stats,
     )
     return out.transpose(1, 2).contiguous(), None
 

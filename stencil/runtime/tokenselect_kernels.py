@@ -118,7 +118,7 @@ def attend_reference(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """Attention of ``query`` over the keys ``idx`` (``(B, S)``), query ``i`` seeing slot ``s`` iff ``allowed[b, i, s]``.
+    """Attention of ``query`` over the keys ``idx`` (``(B, S)``); query ``i`` sees slot ``s`` iff ``allowed[b, i, s]``.
 
     Float32, explicit softmax. A query that sees nothing gets zeros, as SDPA gives.
     """
