@@ -29,6 +29,11 @@ import numpy as np
 from stencil.errors import ParserLimitError
 from stencil.grammar.ir import Grammar
 
+# The kernels allocate nothing, so they run without numba's reference counting (``_nrt=False``):
+# unpacking the grammar tuple otherwise costs an atomic incref/decref per array per call, which
+# made one ``advance`` several times slower than the work it does.
+_KERNEL = dict(cache=True, nogil=True, _nrt=False)
+
 # Status codes of the kernels (a non-negative status is the size of the new row).
 GROW = -1  # the item arrays are full: grow them and call again (nothing was committed)
 LIMIT = -2  # the row exceeded max_items_per_row
@@ -49,7 +54,7 @@ def grammar_arrays(g: Grammar) -> tuple:
     )
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(**_KERNEL, inline="always")
 def _add(st, org, ht_key, ht_gen, gen, end, cap, s, o):
     """Insert item (s, o) at position ``end`` unless present; return the new end (-1 if out of room)."""
     key = (np.int64(s) << 32) | np.int64(o)
@@ -68,19 +73,19 @@ def _add(st, org, ht_key, ht_gen, gen, end, cap, s, o):
     return end + 1
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(**_KERNEL, inline="always")
 def _row_cap(st, ht_key, begin, max_items):
     """How far a row starting at ``begin`` may grow: storage, half the hash table, and the limit."""
     return min(st.shape[0], begin + ht_key.shape[0] // 2, begin + max_items)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(**_KERNEL, inline="always")
 def _full(end, begin, max_items):
     """The status when a row ran out of room: the user's limit, or just our buffers."""
     return LIMIT if end - begin >= max_items else GROW
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_KERNEL)
 def _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_items):
     """Run predict/complete to a fixpoint over row ``row`` (items begin..end); return its end or a status."""
     rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
@@ -116,7 +121,7 @@ def _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_item
     return end
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_KERNEL)
 def init_chart(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items):
     """Row 0: the root rule predicted at byte 0. ``meta`` = [n_rows, hash generation, last status]."""
     rule_start = G[0]
@@ -133,7 +138,7 @@ def init_chart(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items):
     return end
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_KERNEL)
 def advance(G, st, org, row_ptr, ht_key, ht_gen, meta, sym, max_items):
     """Scan symbol ``sym`` from the last row into a new row and close it.
 
@@ -170,7 +175,7 @@ def advance(G, st, org, row_ptr, ht_key, ht_gen, meta, sym, max_items):
     return end - begin
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_KERNEL)
 def advance_many(G, st, org, row_ptr, ht_key, ht_gen, meta, syms, max_items):
     """Advance over ``syms`` until one fails; return how many were consumed.
 
@@ -187,7 +192,7 @@ def advance_many(G, st, org, row_ptr, ht_key, ht_gen, meta, syms, max_items):
     return syms.shape[0]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_KERNEL)
 def is_accepting(G, st, org, row_ptr, meta):
     """True if the root rule can end after the bytes seen so far."""
     state_rule, state_final, root = G[2], G[3], G[9]
@@ -199,7 +204,7 @@ def is_accepting(G, st, org, row_ptr, meta):
     return False
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_KERNEL)
 def can_continue(G, st, org, row_ptr, meta):
     """True if some symbol can still be consumed from the last row."""
     edge_ptr, edge_rule = G[4], G[7]
@@ -209,6 +214,33 @@ def can_continue(G, st, org, row_ptr, meta):
         if edge_ptr[s] < edge_ptr[s + 1] and edge_rule[edge_ptr[s]] < 0:
             return True
     return False
+
+
+# single_scan_symbol answers besides a symbol
+NO_SYMBOL = -1  # the last row can scan nothing
+MANY_SYMBOLS = -2  # the last row can scan more than one symbol
+
+
+@numba.njit(cache=True, nogil=True)
+def single_scan_symbol(G, st, row_ptr, meta):
+    """The only symbol the last row can scan, if there is exactly one; else NO_SYMBOL or MANY_SYMBOLS.
+
+    What jump-forward asks at every step: a byte forced by the grammar is one the last row's items
+    all agree on. Stops at the first second symbol seen.
+    """
+    edge_ptr, edge_lo, edge_hi, edge_rule = G[4], G[5], G[6], G[7]
+    n = meta[0]
+    sym = NO_SYMBOL
+    for k in range(row_ptr[n - 1], row_ptr[n]):
+        s = st[k]
+        for e in range(edge_ptr[s], edge_ptr[s + 1]):
+            if edge_rule[e] >= 0:
+                break  # byte edges come first
+            lo = edge_lo[e]
+            if lo != edge_hi[e] or (sym != NO_SYMBOL and sym != lo):
+                return MANY_SYMBOLS
+            sym = lo
+    return sym
 
 
 class Recognizer:
