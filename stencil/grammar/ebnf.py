@@ -6,7 +6,9 @@ code point), a rule name, or a parenthesized group; items may be followed by ``*
 ``{m}``, ``{m,}`` or ``{m,n}``; ``|`` separates alternatives and ``#`` starts a comment that runs to
 the end of the line. Literals and classes read escapes ``\\n \\t \\r \\" \\\\ \\[ \\] \\xHH \\uHHHH
 \\UHHHHHHHH`` (code points, written as UTF-8), plus ``\\-`` and ``\\^`` so that the IR's printer
-(:meth:`~stencil.grammar.ir.Grammar.to_ebnf`) reads back.
+(:meth:`~stencil.grammar.ir.Grammar.to_ebnf`) reads back. ``<|im_end|>`` names a special token by its
+spelling (llama.cpp's token syntax; brackets included): only that token id matches it, never text.
+Token ids (``<[123]>``) and negated tokens (``!<...>``) are not supported.
 
 Line structure follows llama.cpp: a rule ends at a newline, but newlines may appear right after
 ``::=`` and ``|`` and anywhere inside parentheses. As an extension, a continuation line may also
@@ -28,6 +30,7 @@ from stencil.grammar.ir import (
     GrammarBuilder,
     Ref,
     Repeat,
+    Special,
     alt,
     lit,
     normalize_ranges,
@@ -181,6 +184,8 @@ class _Parser:
             elif c == ".":
                 self.pos += 1
                 items.append(_ANY)
+            elif c == "<":
+                items.append(self.special_token())
             elif c in "*+?":
                 if not items:
                     raise self.error(f"{c!r} must follow an item", self.pos)
@@ -246,6 +251,20 @@ class _Parser:
                 raise self.error(f"surrogate U+{cp:04X} cannot appear in a literal: it has no UTF-8 encoding", esc)
             chars.append(chr(cp))
         return lit("".join(chars))
+
+    def special_token(self) -> Expr:
+        """``<|im_end|>``: the special token spelled so (brackets included), never text."""
+        start = self.pos
+        end = start + 1
+        while end < self.n and self.text[end] not in ">\r\n":
+            end += 1
+        if end >= self.n or self.text[end] != ">" or end == start + 1:
+            raise self.error("unterminated special token: expected '<name>' on one line", start)
+        name = self.text[start : end + 1]
+        if name.startswith("<[") and name.endswith("]>"):
+            raise self.error(f"token ids like {name} are not supported: name the special token by its text", start)
+        self.pos = end + 1
+        return Special(name)
 
     def char_class(self) -> Expr:
         start = self.pos

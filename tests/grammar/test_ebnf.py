@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stencil.decode.parser import grammar_accepts
+from stencil.decode.parser import Recognizer, grammar_accepts
 from stencil.errors import GrammarError
 from stencil.grammar.ebnf import ebnf_to_grammar
 from stencil.grammar.ir import Grammar
@@ -176,6 +176,17 @@ def _layout_grammar() -> Grammar:
     return ebnf_to_grammar(LAYOUT)
 
 
+def test_special_tokens_match_their_symbol_never_text() -> None:
+    g = ebnf_to_grammar('root ::= "a" ( <|im_end|> | <think> "b" )')
+    assert set(g.special_tokens) == {"<|im_end|>", "<think>"}
+    assert not grammar_accepts(g, b"a<|im_end|>")
+    for name, tail in (("<|im_end|>", b""), ("<think>", b"b")):
+        r = Recognizer(g)
+        assert r.accept_bytes(b"a") and r.accept_symbol(256 + g.special_tokens.index(name))
+        assert r.is_accepting() == (tail == b"")
+        assert r.accept_bytes(tail) and r.is_accepting()
+
+
 def test_start_rule_can_be_named() -> None:
     g = ebnf_to_grammar('top ::= "a" rest\nrest ::= "b"*\n', root="top")
     assert grammar_accepts(g, b"abb") and not grammar_accepts(g, b"b")
@@ -204,6 +215,8 @@ ERRORS = [
     ('root ::= "a"\n"b"\n', 2, 1, "expected a rule name"),
     ("root ::= []\n", 1, 10, "empty character class"),
     ("root ::= [z-a]\n", 1, 11, "bad character range"),
+    ('root ::= "a" <|im_end|\n', 1, 14, "unterminated special token"),
+    ("root ::= <[42]>\n", 1, 10, "token ids"),
     ('root ::= "a"\n# ok\n  other ::= "b" "c\n', 3, 17, "unterminated string"),
 ]
 
