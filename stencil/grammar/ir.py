@@ -759,7 +759,7 @@ def format_expr(e: Expr, top: bool = True) -> str:
     if isinstance(e, Ref):
         return e.name
     if isinstance(e, Special):
-        return f"<{e.name}>"
+        return e.name if e.name.startswith("<") and e.name.endswith(">") else f"<{e.name}>"
     if isinstance(e, Seq):
         if not e.items:
             return '""'
