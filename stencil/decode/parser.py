@@ -221,7 +221,7 @@ NO_SYMBOL = -1  # the last row can scan nothing
 MANY_SYMBOLS = -2  # the last row can scan more than one symbol
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_KERNEL)
 def single_scan_symbol(G, st, row_ptr, meta):
     """The only symbol the last row can scan, if there is exactly one; else NO_SYMBOL or MANY_SYMBOLS.
 
