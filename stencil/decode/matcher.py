@@ -4,20 +4,37 @@ A token is the bytes it spells (or, for a special token the grammar names, one s
 Stop tokens are allowed exactly when the grammar is complete, and accepting one *terminates* the
 matcher. Any other special token and every padding id is always rejected. A rejected token
 returns False and leaves the state unchanged; ``rollback(n)`` undoes the last n accepted tokens.
+
+Masks come from the compiled grammar's token-mask cache (:mod:`stencil.grammar.masks`): one kernel
+call ORs the cached accepted sets of the row's states, walks their uncertain trie subtrees with the
+real parser, and adds the named special tokens and (when complete) the stop tokens. States seen for
+the first time are classified first, lazily.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import numba
 import numpy as np
 import torch
 
-from stencil.decode.parser import GROW, LIMIT, Recognizer, advance_many
+from stencil.decode.parser import _KERNEL, GROW, LIMIT, Recognizer, advance, is_accepting
 from stencil.errors import StencilError
 from stencil.grammar.compiler import CompiledGrammar
+from stencil.grammar.masks import ACC_BITS, ACC_COMPLEMENT, ACC_LIST
 from stencil.grammar.vocab import TokenizerInfo
 
+__all__ = ["GrammarMatcher", "fill_next_token_bitmasks", "pack_bool_mask"]
+
 KIND_TEXT = TokenizerInfo.KIND_TEXT
+
+# _classify_token answers
+_REJECTED = 0
+_ACCEPTED = 1
+_ASK_PARSER = 2
 
 
 class GrammarMatcher:
@@ -30,11 +47,11 @@ class GrammarMatcher:
     def __init__(self, compiled: CompiledGrammar, *, max_items_per_row: int = 50_000):
         self.compiled = compiled
         self.tokenizer_info = compiled.tokenizer_info
-        self._stop = np.zeros(compiled.vocab_size, np.bool_)
-        self._stop[self.tokenizer_info.stop_token_ids] = True
+        self._cache = compiled.mask_cache
         self._rec = Recognizer(compiled.grammar, max_items_per_row=max_items_per_row)
         self._history: list[int] = []  # symbols consumed per accepted token (-1: a stop token)
         self._terminated = False
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # (row states, seen stamps), made on first fill
 
     # -- state -----------------------------------------------------------------------------
 
@@ -49,10 +66,11 @@ class GrammarMatcher:
         other = GrammarMatcher.__new__(GrammarMatcher)
         other.compiled = self.compiled
         other.tokenizer_info = self.tokenizer_info
-        other._stop = self._stop
+        other._cache = self._cache
         other._rec = self._rec.fork()
         other._history = list(self._history)
         other._terminated = self._terminated
+        other._scratch = None
         return other
 
     def is_completed(self) -> bool:
@@ -69,17 +87,6 @@ class GrammarMatcher:
 
     # -- tokens ----------------------------------------------------------------------------
 
-    def _symbols(self, token_id: int) -> np.ndarray | None:
-        """The grammar symbols token ``token_id`` spells, or None if it can never be accepted as text."""
-        info = self.tokenizer_info
-        sym = int(self.compiled.special_symbol_of_token[token_id])
-        if sym >= 0:
-            return np.array([sym], np.int32)
-        if info.token_kind[token_id] != KIND_TEXT:
-            return None
-        lo, hi = info.token_offsets[token_id], info.token_offsets[token_id + 1]
-        return info.token_bytes[lo:hi].astype(np.int32)
-
     def _check_id(self, token_id: int) -> int:
         t = int(token_id)
         if not 0 <= t < self.compiled.vocab_size:
@@ -91,21 +98,52 @@ class GrammarMatcher:
         t = self._check_id(token_id)
         if self._terminated:
             return False
-        if self._stop[t] and self.compiled.special_symbol_of_token[t] < 0:
+        cache = self._cache
+        sym = int(cache.special_symbol_of_token[t])
+        if sym >= 0:
+            ok = self._rec.accept_symbol(sym)
+            n = 1
+        elif cache.is_stop[t]:
             if not self._rec.is_accepting():
                 return False
             self._terminated = True
             self._history.append(-1)
             return True
-        syms = self._symbols(t)
-        if syms is None or not self._rec.accept_symbols(syms):
+        elif self.tokenizer_info.token_kind[t] != KIND_TEXT:
             return False
-        self._history.append(int(syms.shape[0]))
-        return True
+        else:
+            info = self.tokenizer_info
+            lo, hi = info.token_offsets[t], info.token_offsets[t + 1]
+            ok = self._rec.accept_symbols(info.token_bytes[lo:hi])
+            n = int(hi - lo)
+        if ok:
+            self._history.append(n)
+        return ok
 
     def try_token(self, token_id: int) -> bool:
-        """Would ``accept_token`` succeed? The state does not change."""
-        if not self.accept_token(token_id):
+        """Would ``accept_token`` succeed? The state does not change.
+
+        The mask cache answers for tokens its states accept or reject outright; only uncertain
+        tokens (and states not classified yet) run the parser.
+        """
+        t = self._check_id(token_id)
+        if self._terminated:
+            return False
+        cache = self._cache
+        if cache.special_symbol_of_token[t] < 0:
+            if cache.is_stop[t]:
+                return self._rec.is_accepting()
+            if self.tokenizer_info.token_kind[t] != KIND_TEXT:
+                return False
+            rec = self._rec
+            states, seen = self._scratch_arrays()
+            state_entry, ent, ids, bits = cache.pools
+            c = _classify_token(rec.G, cache.flags, rec._st, rec._org, rec._row_ptr, rec._meta, state_entry, ent,
+                                ids, bits, self.tokenizer_info.token_node, self.tokenizer_info.trie_subtree,
+                                states, seen, t)
+            if c != _ASK_PARSER:
+                return c == _ACCEPTED
+        if not self.accept_token(t):
             return False
         self.rollback(1)
         return True
@@ -144,35 +182,129 @@ class GrammarMatcher:
 
     # -- masks -----------------------------------------------------------------------------
 
+    def _scratch_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row states, seen stamps): per-matcher scratch of the mask kernels, made on first use."""
+        if self._scratch is None:
+            n = self.compiled.grammar.n_states
+            self._scratch = (np.empty(max(n, 1), np.int32), np.zeros(n + 1, np.int64))
+        return self._scratch
+
     def fill_next_token_bitmask(self, bitmask, index: int = 0) -> None:
-        """Write the allowed next tokens into row ``index`` of an int32 bitmask (1 bit per token, 1 = allowed)."""
-        words = pack_bool_mask(self.brute_force_mask())
-        row = bitmask[index]
-        if isinstance(row, torch.Tensor):
-            row.copy_(torch.from_numpy(words))
-        else:
-            row[:] = words
+        """Write the allowed next tokens into row ``index`` of an int32 bitmask (1 bit per token, 1 = allowed).
+
+        ``bitmask`` is a CPU ``torch.int32`` tensor or a numpy ``int32`` array, ``[batch, words]``
+        or ``[words]``, with ``words >= ceil(vocab_size / 32)``; words past the vocabulary are zeroed.
+        """
+        arr = _bitmask_rows(bitmask, self._cache.words)
+        if not -arr.shape[0] <= index < arr.shape[0]:
+            raise IndexError(f"bitmask row {index} is out of range for a batch of {arr.shape[0]}")
+        index %= arr.shape[0]
+        if self._terminated:
+            arr[index] = 0
+            return
+        states, seen = self._scratch_arrays()
+        cache = self._cache
+        info = self.tokenizer_info
+        rec = self._rec
+        n0 = int(rec._meta[0])
+        while True:
+            state_entry, ent, ids, bits = cache.pools
+            r = _fill_row(rec.G, cache.flags, rec._st, rec._org, rec._row_ptr, rec._ht_key, rec._ht_gen, rec._meta,
+                          rec.max_items_per_row, state_entry, ent, ids, bits, cache.text_bits,
+                          info.trie_byte, info.trie_depth, info.trie_subtree, info.trie_tok_ptr, info.trie_tok_ids,
+                          info.token_bytes, info.token_offsets, cache.stop_ids, cache.special_ids,
+                          cache.special_syms, states, seen, arr, index)
+            if r == 0:
+                return
+            if r > 0:
+                cache.ensure(states[:r].tolist())
+            elif r == GROW:
+                rec._grow()
+                rec._meta[0] = n0
+            else:
+                at = int(rec._meta[0]) - 1
+                rec._meta[0] = n0
+                rec._check(LIMIT, at)
 
     def brute_force_mask(self) -> np.ndarray:
         """bool[vocab_size]: every token tried with the parser. Slow and obviously correct: the oracle."""
-        info = self.tokenizer_info
+        cache = self._cache
         mask = np.zeros(self.compiled.vocab_size, np.bool_)
         if self._terminated:
             return mask
+        info = self.tokenizer_info
         rec = self._rec
+        n0 = int(rec._meta[0])
         start = 0
-        while True:
+        while start < self.compiled.vocab_size:
             start = _try_all_tokens(rec.G, rec._st, rec._org, rec._row_ptr, rec._ht_key, rec._ht_gen, rec._meta,
                                     info.token_bytes, info.token_offsets, info.token_kind,
-                                    self.compiled.special_symbol_of_token, rec.max_items_per_row, start, mask)
-            if start >= self.compiled.vocab_size:
-                break
-            if rec._meta[2] == LIMIT:
-                rec._check(LIMIT, rec.num_bytes)
-            rec._grow()
+                                    cache.special_symbol_of_token, rec.max_items_per_row, start, mask)
+            status = int(rec._meta[2])
+            if start < self.compiled.vocab_size:
+                if status == LIMIT:
+                    at = int(rec._meta[0]) - 1
+                    rec._meta[0] = n0
+                    rec._check(LIMIT, at)
+                rec._grow()
+                rec._meta[0] = n0
         if rec.is_accepting():
-            mask[self._stop & (self.compiled.special_symbol_of_token < 0)] = True
+            mask[cache.stop_ids] = True
         return mask
+
+
+def _bitmask_rows(bitmask, words: int) -> np.ndarray:
+    """The bitmask as a 2-D int32 numpy array sharing its memory (checked)."""
+    if isinstance(bitmask, torch.Tensor):
+        if bitmask.device.type != "cpu":
+            raise StencilError(f"fill the bitmask on the CPU and move it afterwards (got a {bitmask.device} tensor)")
+        if bitmask.dtype != torch.int32:
+            raise StencilError(f"a token bitmask must be int32, got {bitmask.dtype}")
+        arr = bitmask.numpy()
+    elif isinstance(bitmask, np.ndarray):
+        if bitmask.dtype != np.int32:
+            raise StencilError(f"a token bitmask must be int32, got {bitmask.dtype}")
+        arr = bitmask
+    else:
+        raise StencilError(f"a token bitmask must be a torch.Tensor or numpy array, got {type(bitmask).__name__}")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] < words:
+        raise StencilError(f"bitmask of shape {tuple(arr.shape)} is too narrow: this vocabulary needs {words} words per row")
+    if not arr.flags.c_contiguous:
+        raise StencilError("the bitmask must be C-contiguous")
+    return arr
+
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_THREADS = 0
+
+
+def fill_next_token_bitmasks(matchers: Sequence[GrammarMatcher], bitmask, indices: Sequence[int] | None = None,
+                             threads: int | None = None) -> None:
+    """Fill row ``indices[i]`` (default ``i``) of ``bitmask`` for each of ``matchers``, on parallel threads.
+
+    The mask kernels release the GIL, so rows fill in parallel. Matchers must be distinct objects
+    (a matcher's scratch space is its own); several may share a compiled grammar. ``threads``
+    defaults to the number of CPUs; 1 fills in the calling thread.
+    """
+    global _EXECUTOR, _EXECUTOR_THREADS
+    matchers = list(matchers)
+    rows = list(range(len(matchers))) if indices is None else [int(i) for i in indices]
+    if len(rows) != len(matchers):
+        raise StencilError(f"{len(matchers)} matchers but {len(rows)} indices")
+    if len({id(m) for m in matchers}) != len(matchers):
+        raise StencilError("fill_next_token_bitmasks needs distinct matchers (fork() one per row)")
+    n = max(1, min(threads or os.cpu_count() or 1, len(matchers)))
+    if n == 1:
+        for m, i in zip(matchers, rows):
+            m.fill_next_token_bitmask(bitmask, i)
+        return
+    if _EXECUTOR is None or _EXECUTOR_THREADS < n:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=n, thread_name_prefix="stencil-mask")
+        _EXECUTOR_THREADS = n
+    for f in [_EXECUTOR.submit(m.fill_next_token_bitmask, bitmask, i) for m, i in zip(matchers, rows)]:
+        f.result()
 
 
 def pack_bool_mask(allowed: np.ndarray) -> np.ndarray:
@@ -183,24 +315,264 @@ def pack_bool_mask(allowed: np.ndarray) -> np.ndarray:
     return np.packbits(padded.reshape(-1, 32), axis=1, bitorder="little").view(np.int32).reshape(-1)
 
 
-@numba.njit(cache=True, nogil=True)
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, node):
+    for k in range(trie_tok_ptr[node], trie_tok_ptr[node + 1]):
+        t = trie_tok_ids[k]
+        out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+
+
+@numba.njit(**_KERNEL)
+def _or_accepted(out, mode, off, n, ids, bits, text_bits):
+    """OR one state's accepted set into ``out``."""
+    if mode == ACC_LIST:
+        for j in range(off, off + n):
+            t = ids[j]
+            out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+    elif mode == ACC_BITS:
+        row = bits[off]
+        for w in range(row.shape[0]):
+            out[w] |= row[w]
+    elif mode == ACC_COMPLEMENT:
+        p = off
+        end = off + n
+        for w in range(text_bits.shape[0]):
+            m = text_bits[w]
+            while p < end and (ids[p] >> 5) == w:
+                m &= ~(np.uint32(1) << np.uint32(ids[p] & 31))
+                p += 1
+            out[w] |= m
+
+
+@numba.njit(**_KERNEL)
+def _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, nodes, trie_byte, trie_depth,
+                    trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets, out):
+    """Set in ``out`` the tokens of the subtrees ``nodes`` (preorder) that the parser accepts from the last row.
+
+    Consecutive subtrees share their path prefix; a prefix that failed is never retried. Returns
+    0, or GROW / LIMIT with ``meta[0]`` left at the row that needed room.
+    """
+    n0 = meta[0]
+    prev_tok = -1
+    prev_len = 0
+    applied = 0  # path bytes of the previous subtree whose rows are in place
+    fail = 1 << 30  # index of the previous path's first rejected byte
+    for j in range(nodes.shape[0]):
+        node = nodes[j]
+        if _all_set(out, trie_tok_ptr, trie_tok_ids, node, trie_subtree):
+            continue  # another state already accepts the whole subtree
+        depth = trie_depth[node]
+        t0 = trie_tok_ids[trie_tok_ptr[node]]  # any token of the subtree spells the node's path
+        p0 = token_offsets[t0]
+        lcp = 0
+        if prev_tok >= 0:
+            q0 = token_offsets[prev_tok]
+            lim = min(depth, prev_len)
+            while lcp < lim and token_bytes[p0 + lcp] == token_bytes[q0 + lcp]:
+                lcp += 1
+        if lcp > fail:
+            continue  # the path goes through the byte the previous one failed on
+        keep = min(lcp, applied)
+        meta[0] = n0 + keep
+        prev_tok = t0
+        prev_len = depth
+        ok = True
+        for k in range(keep, depth):
+            r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, token_bytes[p0 + k], max_items)
+            if r < 0:
+                return r
+            if r == 0:
+                applied = k
+                fail = k
+                ok = False
+                break
+        if not ok:
+            continue
+        applied = depth
+        fail = 1 << 30
+        _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, node)
+        i = node + 1
+        end = node + trie_subtree[node]
+        while i < end:
+            meta[0] = n0 + trie_depth[i] - 1
+            r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, trie_byte[i], max_items)
+            if r < 0:
+                return r
+            if r == 0:
+                i += trie_subtree[i]
+                continue
+            _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, i)
+            i += 1
+    meta[0] = n0
+    return 0
+
+
+@numba.njit(**_KERNEL)
+def _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen):
+    """The distinct states whose cache entries decide the mask at the last row, into ``states``.
+
+    These are the *kernel* items' states (origin before the current row: scanned or completed
+    here), or the root's start on row 0: every item predicted on this row is re-derived inside
+    its kernel ancestor's own sub-chart (see :mod:`stencil.grammar.masks`). Items without edges
+    contribute nothing. Returns (count, how many have no entry yet).
+    """
+    n0 = meta[0]
+    cur = n0 - 1
+    seen[-1] += 1
+    stamp = seen[-1]
+    if cur == 0:
+        states[0] = G[0][G[9]]
+        return 1, 1 if state_entry[states[0]] < 0 else 0
+    ns = 0
+    missing = 0
+    for k in range(row_ptr[cur], row_ptr[n0]):
+        s = st[k]
+        if org[k] < cur and flags[s] != 0 and seen[s] != stamp:
+            seen[s] = stamp
+            states[ns] = s
+            ns += 1
+            if state_entry[s] < 0:
+                missing += 1
+    return ns, missing
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _all_set(out, trie_tok_ptr, trie_tok_ids, node, trie_subtree):
+    """Are all tokens of the subtree at ``node`` already allowed in ``out``?"""
+    for k in range(trie_tok_ptr[node], trie_tok_ptr[node + trie_subtree[node]]):
+        t = trie_tok_ids[k]
+        if (out[t >> 5] >> np.uint32(t & 31)) & np.uint32(1) == 0:
+            return False
+    return True
+
+
+@numba.njit(**_KERNEL)
+def _fill_row(G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, state_entry, ent, ids, bits, text_bits,
+              trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets,
+              stop_ids, special_ids, special_syms, states, seen, bitmask, index):
+    """Fill ``bitmask[index]`` from the chart's last row.
+
+    Returns 0 when done; k > 0 when k row states have no cache entry yet (they are in
+    ``states[:k]``: compute them and call again); GROW or LIMIT from the parser (``meta[0]`` then
+    points at the row that needed room; the caller restores it).
+    """
+    out = bitmask[index].view(np.uint32)
+    n0 = meta[0]
+    ns, missing = _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen)
+    if missing > 0:
+        m = 0
+        for j in range(ns):
+            if state_entry[states[j]] < 0:
+                states[m] = states[j]
+                m += 1
+        return m
+    out[:] = 0
+    for j in range(ns):
+        e = state_entry[states[j]]
+        _or_accepted(out, ent[e, 0], ent[e, 1], ent[e, 2], ids, bits, text_bits)
+    for j in range(ns):
+        e = state_entry[states[j]]
+        if ent[e, 4] > 0:
+            r = _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids[ent[e, 3]:ent[e, 3] + ent[e, 4]],
+                                trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes,
+                                token_offsets, out)
+            if r < 0:
+                return r
+    for j in range(special_ids.shape[0]):
+        meta[0] = n0
+        r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, special_syms[j], max_items)
+        if r < 0:
+            return r
+        if r > 0:
+            t = special_ids[j]
+            out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+    meta[0] = n0
+    if is_accepting(G, st, org, row_ptr, meta):
+        for t in stop_ids:
+            out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+    return 0
+
+
+@numba.njit(**_KERNEL)
+def _in_sorted(a, lo, hi, x):
+    """Is x in the sorted slice a[lo:hi]?"""
+    end = hi
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < end and a[lo] == x
+
+
+@numba.njit(**_KERNEL)
+def _classify_token(G, flags, st, org, row_ptr, meta, state_entry, ent, ids, bits, token_node, trie_subtree,
+                    states, seen, t):
+    """The cache's verdict on text token t at the last row: _ACCEPTED, _REJECTED or _ASK_PARSER."""
+    ns, missing = _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen)
+    if missing > 0:
+        return _ASK_PARSER
+    node = token_node[t]
+    uncertain = False
+    for j in range(ns):
+        e = state_entry[states[j]]
+        mode, off, n = ent[e, 0], ent[e, 1], ent[e, 2]
+        if mode == ACC_LIST:
+            if _in_sorted(ids, off, off + n, t):
+                return _ACCEPTED
+        elif mode == ACC_BITS:
+            if (bits[off, t >> 5] >> np.uint32(t & 31)) & np.uint32(1):
+                return _ACCEPTED
+        elif mode == ACC_COMPLEMENT:
+            if not _in_sorted(ids, off, off + n, t):
+                return _ACCEPTED
+        if not uncertain:
+            # The last uncertain subtree starting at or before the token's node: does it contain it?
+            lo, hi = ent[e, 3], ent[e, 3] + ent[e, 4]
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if ids[mid] <= node:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo > ent[e, 3] and node < ids[lo - 1] + trie_subtree[ids[lo - 1]]:
+                uncertain = True
+    return _ASK_PARSER if uncertain else _REJECTED
+
+
+@numba.njit(**_KERNEL)
 def _try_all_tokens(G, st, org, row_ptr, ht_key, ht_gen, meta, token_bytes, token_offsets, token_kind,
                     special_sym, max_items, start, out):
-    """Set out[t] for tokens t >= start that the parser accepts; stop early (returning t) on GROW or LIMIT."""
+    """Set out[t] for tokens t >= start that the parser accepts, one token at a time from the last row.
+
+    Stops early on GROW or LIMIT, returning that token (status in ``meta[2]``, ``meta[0]`` at the
+    row that needed room); returns ``out.shape[0]`` when done.
+    """
     n0 = meta[0]
-    one = np.zeros(1, np.int32)
     for t in range(start, out.shape[0]):
+        meta[0] = n0
         if special_sym[t] >= 0:
-            one[0] = special_sym[t]
-            syms = one
+            a, b = 0, 1
         elif token_kind[t] == KIND_TEXT:
-            syms = token_bytes[token_offsets[t]:token_offsets[t + 1]].astype(np.int32)
+            a, b = token_offsets[t], token_offsets[t + 1]
         else:
             continue
-        done = advance_many(G, st, org, row_ptr, ht_key, ht_gen, meta, syms, max_items)
-        status = meta[2]
-        meta[0] = n0
-        if status == GROW or status == LIMIT:
-            return t
-        out[t] = done == syms.shape[0]
+        ok = True
+        for j in range(a, b):
+            sym = special_sym[t] if special_sym[t] >= 0 else np.int32(token_bytes[j])
+            r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, sym, max_items)
+            if r < 0:
+                meta[2] = r
+                return t
+            if r == 0:
+                ok = False
+                break
+        out[t] = ok
+    meta[0] = n0
     return out.shape[0]

@@ -4,14 +4,23 @@ Each ``compile_*`` method runs one frontend and binds the result to the compiler
 :class:`~stencil.grammar.vocab.TokenizerInfo`: special tokens the grammar names are resolved to
 ids here, so a misspelt one fails at compile time, not at decode time. Compiled grammars are kept
 in an LRU keyed by the request, so asking twice for the same schema costs nothing.
+
+Each compiled grammar owns a token-mask cache (:class:`~stencil.grammar.masks.MaskCache`), made
+on first use. Its per-state entries are shared process-wide with every grammar of the same
+vocabulary that contains the same sub-grammar, and, with ``cache_dir``, across processes. By
+default the compiler queues each new grammar for background warm-up, so states are classified on
+a spare core before the decoder reaches them.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -19,13 +28,17 @@ from stencil.errors import GrammarError
 from stencil.grammar.ir import Grammar, GrammarBuilder, alt, lit
 from stencil.grammar.vocab import TokenizerInfo
 
+if TYPE_CHECKING:
+    from stencil.grammar.masks import MaskCache
+
 
 @dataclass
 class CompiledGrammar:
     """A grammar bound to a vocabulary: what a :class:`~stencil.decode.matcher.GrammarMatcher` runs.
 
     ``special_symbol_of_token[t]`` is the grammar symbol (256 + k) that special token ``t`` stands
-    for, or -1 when the grammar does not name it.
+    for, or -1 when the grammar does not name it. ``cache_dir``: where the mask cache persists
+    its entries (None: memory only).
     """
 
     grammar: Grammar
@@ -33,13 +46,34 @@ class CompiledGrammar:
     special_symbol_of_token: np.ndarray
     source: str = ""
     stats: dict = field(default_factory=dict)
+    cache_dir: Path | None = None
+    _mask_cache: "MaskCache | None" = field(default=None, init=False, repr=False, compare=False)
+    _mask_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer_info.vocab_size
 
+    @property
+    def mask_cache(self) -> "MaskCache":
+        """The grammar's token-mask cache (made on first use; thread-safe)."""
+        mc = self._mask_cache
+        if mc is None:
+            with self._mask_lock:
+                if self._mask_cache is None:
+                    from stencil.grammar.masks import MaskCache
 
-def bind(grammar: Grammar, tokenizer_info: TokenizerInfo, source: str = "") -> CompiledGrammar:
+                    self._mask_cache = MaskCache(self, cache_dir=self.cache_dir)
+                mc = self._mask_cache
+        return mc
+
+    def warm_up(self, background: bool = True) -> None:
+        """Classify every state's tokens now (``background=False``) or on the background worker thread."""
+        self.mask_cache.warm_up(background)
+
+
+def bind(grammar: Grammar, tokenizer_info: TokenizerInfo, source: str = "",
+         cache_dir: str | os.PathLike | None = None) -> CompiledGrammar:
     """Bind ``grammar`` to ``tokenizer_info``, resolving the special tokens it names."""
     sym = np.full(tokenizer_info.vocab_size, -1, np.int32)
     for k, name in enumerate(grammar.special_tokens):
@@ -47,30 +81,43 @@ def bind(grammar: Grammar, tokenizer_info: TokenizerInfo, source: str = "") -> C
             known = ", ".join(sorted(tokenizer_info.special_token_names)[:20])
             raise GrammarError(f"the grammar names special token {name!r}, which this tokenizer lacks (it has: {known}, ...)")
         sym[tokenizer_info.special_token_names[name]] = 256 + k
-    return CompiledGrammar(grammar, tokenizer_info, sym, source)
+    return CompiledGrammar(grammar, tokenizer_info, sym, source,
+                           cache_dir=Path(cache_dir) if cache_dir is not None else None)
 
 
 class GrammarCompiler:
     """Compiles grammars of every supported kind for one tokenizer, with an LRU of results.
 
+    ``cache_size``: compiled grammars kept (least recently used dropped first). ``cache_dir``: a
+    directory for the on-disk token-mask cache, shared by processes using the same vocabulary.
+    ``warm_up``: queue each newly compiled grammar for background mask warm-up.
+
     >>> compiler = GrammarCompiler(TokenizerInfo.from_file("tokenizer.json"))
     >>> cg = compiler.compile_regex(r"\\d{3}-\\d{4}")
     """
 
-    def __init__(self, tokenizer_info: TokenizerInfo, *, cache_size: int = 128):
+    def __init__(self, tokenizer_info: TokenizerInfo, *, cache_size: int = 128,
+                 cache_dir: str | os.PathLike | None = None, warm_up: bool = True):
         self.tokenizer_info = tokenizer_info
         self.cache_size = int(cache_size)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.warm_up = bool(warm_up)
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
 
     def _cached(self, key: tuple, make: Callable[[], Grammar], source: str) -> CompiledGrammar:
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        cg = bind(make(), self.tokenizer_info, source)
-        self._cache[key] = cg
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        cg = bind(make(), self.tokenizer_info, source, self.cache_dir)
+        with self._lock:
+            self._cache[key] = cg
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        if self.warm_up:
+            cg.warm_up(background=True)
         return cg
 
     def compile_grammar(self, text: str, *, root: str | None = None, syntax: str = "auto") -> CompiledGrammar:
