@@ -87,12 +87,14 @@ class LogitsProcessor(_HFLogitsProcessor):
         live = [k for k in dict.fromkeys(keys) if states[k] is not None]
         if not live:
             return scores
-        bitmask = allocate_token_bitmask(len(live), max(g.vocab_size for g in self.grammars))
+        filled = allocate_token_bitmask(len(live), scores.shape[1])
+        fill_next_token_bitmasks([states[k] for k in live], filled)
         slot = {k: i for i, k in enumerate(live)}
-        fill_next_token_bitmasks([states[k] for k in live], bitmask)
+        # Finished rows keep an all-ones row; every other row gets its prefix's mask.
+        bitmask = allocate_token_bitmask(rows, scores.shape[1])
         masked_rows = [r for r, k in enumerate(keys) if k in slot]
-        row_masks = bitmask[[slot[keys[r]] for r in masked_rows]]
-        apply_token_bitmask_inplace(scores, row_masks.to(scores.device), indices=masked_rows)
+        bitmask[masked_rows] = filled[[slot[keys[r]] for r in masked_rows]]
+        apply_token_bitmask_inplace(scores, bitmask.to(scores.device))
         return scores
 
     def _n_prompts(self, rows: int) -> int:

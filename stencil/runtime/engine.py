@@ -14,9 +14,11 @@ once and cached). :meth:`Engine.decode` runs a batch of :class:`Request` s to th
   new logits). numba kernels and torch both release the GIL, so on a CPU the two really run side by
   side; on a GPU the forward pass is asynchronous anyway, and the finished mask goes to the device on
   a side stream. The sampler then waits only for whatever grammar work outlasted the forward pass.
-* **Forced tokens.** When the matcher offers ``jump_forward_tokens()`` (tokens the grammar forces
-  whatever the model says), they are accepted right after the sampled token and fed in the same
-  forward pass: a chunk of several tokens per row, left-padded within the chunk.
+* **Forced tokens** (``jump_forward``). Right after the sampled token is accepted, the tokens the
+  grammar forces whatever the model says (:func:`stencil.decode.jump_forward.jump_forward_tokens`:
+  only those the tokenizer's own encoding would certainly produce) are accepted too and fed in the
+  same forward pass: a chunk of several tokens per row, left-padded within the chunk. That step runs
+  on the decode thread (the next input depends on it); the mask fill after it still overlaps.
 * **Samplers.** ``"mask"``: the full token bitmask (filled during the forward pass), applied on the
   logits' device, then greedy or temperature / top-k / top-p sampling (:mod:`stencil.decode.sampling`).
   ``"awrs"``: check first. The model's own choice (its argmax, or a draw from the softmax) is checked
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 
 from stencil.decode.bitmask import allocate_token_bitmask, apply_token_bitmask_inplace
+from stencil.decode.jump_forward import TextEncoder, jump_forward_tokens
 from stencil.decode.matcher import GrammarMatcher, fill_next_token_bitmasks
 from stencil.decode.sampling import SamplingParams, sample_tokens
 from stencil.errors import StencilError
@@ -195,7 +198,7 @@ def _must_stop(matcher: Any) -> bool:
 class _Row:
     """Per-row decode state."""
 
-    def __init__(self, index: int, req: Request, info: TokenizerInfo, vocab: int):
+    def __init__(self, index: int, req: Request, info: TokenizerInfo, vocab: int, special_names: dict[int, str]):
         self.index = index
         self.req = req
         self.matcher = None
@@ -207,6 +210,7 @@ class _Row:
                 )
             self.matcher = GrammarMatcher(req.grammar)
         self.info = info
+        self.special_names = special_names
         self.ids: list[int] = []
         self.done = False
         self.finish_reason = ""
@@ -230,8 +234,12 @@ class _Row:
         self.stats.generated_tokens += 1
         self.stats.forced_tokens += forced
         lo, hi = self.info.token_offsets[token], self.info.token_offsets[token + 1]
-        if hi > lo:
-            self.text += self.decoder.decode(self.info.token_bytes[lo:hi].tobytes())
+        piece = self.info.token_bytes[lo:hi].tobytes()
+        if not piece and self.req.grammar is not None and self.req.grammar.special_symbol_of_token[token] >= 0:
+            # A special token the grammar names (a tool-call marker, say) is part of the output's language.
+            piece = self.special_names[token].encode("utf-8")
+        if piece:
+            self.text += self.decoder.decode(piece)
             if self._check_stop_strings(final=False):
                 return
         if len(self.ids) >= self.req.max_new_tokens:
@@ -272,6 +280,8 @@ class Engine:
         self.vocab_size = logits_width(model)
         self.tokenizer_info, self.compiler = tokenizer_info_for(tokenizer, self.vocab_size, _generation_eos_ids(model))
         self.stop_ids = list(self.tokenizer_info.stop_token_ids)
+        self.special_names = {i: name for name, i in self.tokenizer_info.special_token_names.items()}
+        self._text_encoder: TextEncoder | None = None
         self._stop_set = frozenset(self.stop_ids)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else (self.stop_ids[0] if self.stop_ids else 0)
@@ -292,6 +302,13 @@ class Engine:
         with torch.no_grad():  # not inference_mode: the logits are masked in place afterwards
             out = self.model(**kwargs)
         return out.logits[:, -1, :]
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """Mid-text encoder of the tokenizer, for canonical-safe forced tokens."""
+        if self._text_encoder is None:
+            self._text_encoder = TextEncoder(self.tokenizer, self.tokenizer_info)
+        return self._text_encoder
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -327,7 +344,8 @@ class _DecodeRun:
                 raise StencilError("a prompt encodes to no tokens: give at least one token of prompt")
         self.e = engine
         self.params = params
-        self.rows = [_Row(i, r, engine.tokenizer_info, engine.vocab_size) for i, r in enumerate(requests)]
+        self.rows = [_Row(i, r, engine.tokenizer_info, engine.vocab_size, engine.special_names)
+                     for i, r in enumerate(requests)]
         self.generations: list[Generation] | None = None
         self.grammar_seconds = 0.0
         self._iter = self._run()
@@ -372,12 +390,11 @@ class _DecodeRun:
             if not m.accept_token(t):
                 raise StencilError(f"internal error: the grammar rejected token {t} that it allowed (row {row.index})")
         forced: list[int] = []
-        jf = getattr(m, "jump_forward_tokens", None)
-        if jf is not None and not m.is_terminated():
-            budget = row.req.max_new_tokens - len(row.ids)
-            for t in list(jf())[:budget]:
+        budget = row.req.max_new_tokens - len(row.ids)
+        if budget > 0 and not m.is_terminated():
+            for t in jump_forward_tokens(m, self.e.text_encoder)[:budget]:
                 if not m.accept_token(t):
-                    break
+                    raise StencilError(f"internal error: the grammar rejected forced token {t} (row {row.index})")
                 forced.append(int(t))
         self.grammar_seconds += time.perf_counter() - t0
         return forced
@@ -519,7 +536,7 @@ class _DecodeRun:
                     chunks.append([])
                     accept.append([])
                     continue
-                if r.matcher is not None and params.jump_forward and hasattr(r.matcher, "jump_forward_tokens"):
+                if r.matcher is not None and params.jump_forward:
                     forced = self._forced(r)
                     for t in forced:
                         if not r.done:

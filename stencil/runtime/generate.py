@@ -25,7 +25,7 @@ from stencil.grammar.compiler import CompiledGrammar, GrammarCompiler, bind
 from stencil.grammar.ir import Grammar
 from stencil.runtime.engine import DecodeParams, Engine, Generation, Request, run_smc
 
-__all__ = ["generate", "load_model", "default_model_path", "get_engine", "GenerationStream", "SAMPLER_CHOICES"]
+__all__ = ["generate", "load_model", "load_tokenizer", "default_model_path", "get_engine", "GenerationStream", "SAMPLER_CHOICES"]
 
 SAMPLER_CHOICES = ("auto", "mask", "awrs", "smc")
 
@@ -39,7 +39,8 @@ def default_model_path() -> Path:
     return Path(str(importlib.resources.files("stencil"))) / "data" / "default_model"
 
 
-def _load_tokenizer(source: Any) -> Any:
+def load_tokenizer(source: Any) -> Any:
+    """A transformers tokenizer from a local folder or a cached hub name (never downloads)."""
     from transformers import AutoTokenizer
 
     try:
@@ -64,7 +65,7 @@ def load_model(model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
                 _MODELS[source] = hit
         m, tok = hit
         if tokenizer is not None:
-            tok = _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+            tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         return m, tok
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise StencilError(f"model must be a transformers model, a local path, a hub name or None, got {type(model).__name__}")
@@ -74,7 +75,7 @@ def load_model(model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
             raise StencilError("this model does not say where it came from (no name_or_path): pass tokenizer=")
         tokenizer = name
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = _load_tokenizer(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
     return model, tokenizer
 
 
@@ -94,7 +95,7 @@ def _load_from_disk(source: str, *, is_default: bool) -> tuple[Any, Any]:
     if cuda:
         m = m.to("cuda")
     m.eval()
-    return m, _load_tokenizer(source)
+    return m, load_tokenizer(source)
 
 
 def get_engine(model: Any, tokenizer: Any) -> Engine:
@@ -197,10 +198,10 @@ def _compile_row(compiler: GrammarCompiler, tokenizer: Any, *, schema: Any, gram
         return _RowSpec(compiler.compile_choice(list(choices)))
     if tools is not None:
         tools_mod = _tools_module()
+        fmt = tool_format or tools_mod.detect_tool_format(tokenizer)
         g = tools_mod.build_tool_grammar(tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                                         format=tool_format, tokenizer=tokenizer)
-        cg = g if isinstance(g, CompiledGrammar) else bind(g, compiler.tokenizer_info)
-        return _RowSpec(cg, tools=tools, tool_format=tool_format)
+                                         format=fmt, **compile_options)
+        return _RowSpec(bind(g, compiler.tokenizer_info), tools=tools, tool_format=fmt)
     return _RowSpec(None)
 
 
@@ -221,8 +222,7 @@ def _finish(gen: Generation, spec: _RowSpec) -> Generation:
         else:
             gen.value = json.loads(gen.text)
     if spec.tools is not None and complete:
-        free_text, calls = _tools_module().parse_tool_calls(gen.text, spec.tool_format)
-        gen.tool_calls = calls
+        _, gen.tool_calls = _tools_module().parse_tool_calls(gen.text, spec.tool_format)
     return gen
 
 
@@ -308,7 +308,9 @@ def generate(
             a regex, a list of strings, or tool definitions (OpenAI style). For a batch, each may be
             a list with one entry per prompt.
         tool_choice / tool_format / parallel_tool_calls: how tools are offered (see
-            :mod:`stencil.integrations.tools`); ``tool_calls`` of the result holds the parsed calls.
+            :mod:`stencil.integrations.tools`; the format is detected from the tokenizer when not
+            given). ``tool_calls`` of the result holds the parsed, OpenAI-shaped calls (``[]`` when
+            the model answered in text); ``text`` is the raw answer.
         sampler: ``"auto"`` (AWRS when it is exact for the request, i.e. no top-k/top-p; otherwise
             the full mask), ``"mask"``, ``"awrs"``, or ``"smc"`` (sequential Monte Carlo with
             ``particles`` particles: returns the best output with the whole ``posterior`` attached).
@@ -323,7 +325,7 @@ def generate(
             can tell).
         logit_bias: ``{token_id: bias}`` added to the logits before the constraint and the sampler.
         compile_options: keyword arguments for the grammar compiler (e.g. ``{"whitespace":
-            "compact"}`` for JSON Schema).
+            "compact"}`` for JSON Schema, or for ``build_tool_grammar`` with tools).
 
     Returns:
         A :class:`Generation` (or a list of them for a batch): ``text``, ``value`` (parsed JSON, or

@@ -34,7 +34,8 @@ def tiny_model(arch: str):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = tokenizer(TOKENIZER_OF[arch])
-    vocab = tokenizer_meta(TOKENIZER_OF[arch])["model_vocab_size"]  # qwen2: wider than the tokenizer
+    meta = tokenizer_meta(TOKENIZER_OF[arch])
+    vocab = meta["model_vocab_size"]  # qwen2: wider than the tokenizer
     torch.manual_seed(1234)
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=2, n_head=2))
@@ -46,6 +47,11 @@ def tiny_model(arch: str):
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=512))
+    # What a released checkpoint's generation config says: its stop tokens, and a padding id.
+    stops = meta["stop_token_ids"]
+    pad = meta.get("pad_token_id") if meta.get("pad_token_id") is not None else stops[0]
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id = list(stops), pad, None
     return model.eval(), tok
 
 
