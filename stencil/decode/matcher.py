@@ -21,6 +21,8 @@ import numba
 import numpy as np
 import torch
 
+from stencil.decode import jump_forward as _jump_forward
+from stencil.decode import speculative as _speculative
 from stencil.decode.parser import _KERNEL, GROW, LIMIT, Recognizer, advance, is_accepting
 from stencil.errors import StencilError
 from stencil.grammar.compiler import CompiledGrammar
@@ -251,6 +253,20 @@ class GrammarMatcher:
         if rec.is_accepting():
             mask[cache.stop_ids] = True
         return mask
+
+    # -- jump-forward and speculative decoding (thin wrappers) -----------------------------
+
+    def jump_forward_bytes(self, max_bytes: int = _jump_forward.DEFAULT_MAX_FORCED_BYTES) -> bytes:
+        """The bytes the grammar forces next; see :func:`stencil.decode.jump_forward.jump_forward_bytes`."""
+        return _jump_forward.jump_forward_bytes(self, max_bytes)
+
+    def jump_forward_tokens(self, tokenizer, max_bytes: int = _jump_forward.DEFAULT_MAX_FORCED_BYTES) -> list[int]:
+        """Canonical-safe forced tokens; see :func:`stencil.decode.jump_forward.jump_forward_tokens`."""
+        return _jump_forward.jump_forward_tokens(self, tokenizer, max_bytes)
+
+    def fill_draft_bitmasks(self, draft_ids: Sequence[int], bitmask, start_index: int = 0) -> int:
+        """One mask row per draft prefix; see :func:`stencil.decode.speculative.fill_draft_bitmasks`."""
+        return _speculative.fill_draft_bitmasks(self, draft_ids, bitmask, start_index)
 
 
 def _bitmask_rows(bitmask, words: int) -> np.ndarray:

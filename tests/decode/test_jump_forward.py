@@ -230,7 +230,8 @@ def test_forced_bytes_stop_at_special_tokens_completion_and_the_limit():
     assert jump_forward_bytes(m) == b"ab"
     assert m.accept_string("ab") and jump_forward_bytes(m) == b""  # a special token is next: not bytes
     assert m.accept_token(256)
-    assert jump_forward_bytes(m) == b"cd" * 20
+    assert jump_forward_bytes(m) == m.jump_forward_bytes() == b"cd" * 20
+    assert m.jump_forward_tokens(lambda text: list(text.encode())) == list(b"cd" * 20)  # single-byte vocabulary
     assert jump_forward_bytes(m, max_bytes=5) == b"cdcdc"
     assert jump_forward_bytes(m, max_bytes=0) == b""
     with pytest.raises(StencilError):

@@ -142,7 +142,7 @@ def test_draft_rows_equal_replayed_masks(as_torch, start):
         sentinel = np.int32(0x5A5A5A5A)
         rows = np.full((3 + len(draft) + 1, m._cache.words), sentinel, np.int32)
         bitmask = torch.from_numpy(rows) if as_torch else rows
-        n = fill_draft_bitmasks(m, draft, bitmask, start_index=2)
+        n = m.fill_draft_bitmasks(draft, bitmask, 2) if as_torch else fill_draft_bitmasks(m, draft, bitmask, 2)
         assert snapshot(m) == before
         assert n == m.validate_tokens(draft)
         for i in range(len(rows)):
