@@ -37,10 +37,12 @@ DEFAULT_OUT = REPO / "stencil" / "data" / "default_model"
 TOKENIZER = "gpt2"
 
 # The chat format the corpus is written in (see make_corpus.chat). Tools are listed by name only:
-# the model is small and its context short.
+# the model is small and its context short. The comment names the tool-call format the model
+# writes by default (the corpus has all three), where stencil's format detection looks for it.
 CHAT_TEMPLATE = (
+    "{#- tool calls: <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call> (hermes format) -#}"
     "{%- if tools %}system: tools: {% for t in tools %}{% set f = t.function if t.function is defined else t %}"
-    "{{ f.name }}{% if not loop.last %}, {% endif %}{% endfor %}\n{% endif %}"
+    "{{ f.name }}{% if not loop.last %}, {% endif %}{% endfor %}{{ '\\n' }}{% endif %}"
     "{%- for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     "{%- if add_generation_prompt %}assistant:\n{% endif %}"
 )
@@ -74,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)

@@ -471,6 +471,7 @@ class _DecodeRun:
             bitmask = bitmask.pin_memory()
         side = torch.cuda.Stream(device=dev) if pinned and bitmask is not None else None
         dev_mask: list[torch.Tensor | None] = [None]
+        copied: list[Any] = [None]  # CUDA event of the last host-to-device mask copy
 
         def copier(n: int) -> Callable[[], None] | None:
             if side is None:
@@ -479,6 +480,8 @@ class _DecodeRun:
             def copy() -> None:
                 with torch.cuda.stream(side):
                     dev_mask[0] = bitmask[:n].to(dev, non_blocking=True)
+                    copied[0] = torch.cuda.Event()
+                    copied[0].record(side)
 
             return copy
 
@@ -571,6 +574,8 @@ class _DecodeRun:
             next_pos = next_pos + step_attn.sum(-1)
             attn = torch.cat([attn, step_attn], dim=1)
             if bitmask is not None:
+                if copied[0] is not None:
+                    copied[0].synchronize()  # the pinned buffer may still be in flight to the device
                 bitmask[: len(rows)].fill_(-1)
             fut = e._executor.submit(self._grammar_work, rows, accept, bitmask, copier(len(rows)))
             logits = e._forward(step_ids, attn, step_pos, cache)
