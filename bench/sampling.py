@@ -42,7 +42,7 @@ count. Torch runs on one thread.
     python bench/sampling.py --n 40 --invalid-rate 0.3
     python bench/sampling.py --n 10 --no-xgrammar
 
-Writes ``bench/results/sampling-<tokenizer>.json`` (settings, summary, per-token rows).
+Writes ``bench/results/sampling-<tokenizer>-invalid<rate>.json`` (settings, commit, summary, per-token rows).
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ def percentiles(xs) -> dict:
 
 def git_commit() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
                                capture_output=True, text=True).stdout.strip()
         return rev + ("+uncommitted" if dirty else "")
@@ -293,7 +294,8 @@ def main() -> None:
                         break
 
             for pos in range(n):
-                rows.append((rec["id"], pos, invalid[pos] is not None, *awrs[pos], *masks[pos], cold[pos], xgrammar[pos]))
+                rows.append((rec["id"], pos, invalid[pos] is not None, *awrs[pos], *masks[pos], cold[pos],
+                             xgrammar[pos]))
         done = i + 1
         eta = (time.time() - t_start) / done * (len(records) - done)
         print(f"\r[{done}/{len(records)}] {len(rows)} tokens, eta {eta:5.0f}s", end="", file=sys.stderr, flush=True)
@@ -325,16 +327,21 @@ def main() -> None:
     for c in cols[5:]:
         s = summary[c]
         if s:
-            print(f"{c:<24} {s['p50']:9.1f} {s['p90']:9.1f} {s['p99']:9.1f} {s['p99.9']:9.1f} {s['max']:10.1f} {s['mean']:9.1f}")
+            print(f"{c:<24} {s['p50']:9.1f} {s['p90']:9.1f} {s['p99']:9.1f} {s['p99.9']:9.1f} {s['max']:10.1f} "
+                  f"{s['mean']:9.1f}")
     print(f"targets: {summary['targets']}")
     if failures:
         print(f"failures: {failures}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"sampling-{args.tokenizer}.json"
+    out = args.out / f"sampling-{args.tokenizer}-invalid{args.invalid_rate:g}.json"
+    # Per-token columns, times rounded to 0.1 µs; "record" indexes "records".
+    ids = list(dict.fromkeys(data["record"]))
+    index = {r: k for k, r in enumerate(ids)}
+    data["record"] = [index[r] for r in data["record"]]
+    columns = {c: [round(x, 1) if isinstance(x, float) else x for x in v] for c, v in data.items()}
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "commit": commit,
-                               "summary": summary, "failures": failures, "columns": list(cols),
-                               "rows": [list(r) for r in rows]}))
+                               "summary": summary, "failures": failures, "records": ids, "tokens": columns}))
     print(f"wrote {out}")
 
 

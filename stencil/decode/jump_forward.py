@@ -31,12 +31,11 @@ while no pair crosses ``q`` the pairs on the left are the same ones, picked in t
 So the tokens that are certainly a prefix of the truth are the **longest common prefix of
 encode(F'[:q]) over q ∈ Q**. That is what :func:`jump_forward_tokens` returns.
 
-This is stricter than the rule "drop trailing tokens that a longer allowed token could extend"
-(SGLang, llguidance). That rule only looks at suffixes that start at token boundaries of
-``encode(F')``. BPE is not left-stable: a straddling token that starts *inside* the last token can
-change earlier merges. With merges ``c d > b cd > a b > x a > ab c``, ``"xabc"`` encodes as
-``x|abc`` but ``"xabcd"`` as ``xa|bcd``. Taking the common prefix over every candidate boundary
-covers that case.
+This is stricter than the usual back-off, "drop trailing tokens that a longer allowed token could
+extend", which only looks at suffixes that start at token boundaries of ``encode(F')``. BPE is not
+left-stable: a straddling token that starts *inside* the last token can change earlier merges.
+With merges ``c d > b cd > a b > x a > ab c``, ``"xabc"`` encodes as ``x|abc`` but ``"xabcd"`` as
+``xa|bcd``. Taking the common prefix over every candidate boundary covers that case.
 
 The assumptions, and what happens when they fail:
 
@@ -46,9 +45,9 @@ The assumptions, and what happens when they fail:
   the anchor. It uses the result only when the anchor's tokens end exactly at the anchor and the
   rest spells ``text`` byte for byte. If no anchor splits cleanly, or the tokenizer rewrites the
   text (a normalizer such as NFC, or a special token spelled in the text), no token is forced.
-* The pre-tokenizer splits ``F'[:q]`` as it splits that stretch of ``F' + C``. This holds for the
-  GPT-2, Llama-3 and Qwen2 split patterns and for SentencePiece, which has no pre-tokenizer.
-  ``tests/decode/test_jump_forward.py`` checks it on the six tokenizers.
+* The pre-tokenizer splits ``F'[:q]`` as it splits that stretch of ``F' + C``. SentencePiece has
+  no pre-tokenizer. For the GPT-2, Llama-3 and Qwen2 split patterns this is an empirical claim,
+  and ``tests/decode/test_jump_forward.py`` checks it on the six tokenizers.
 * The left boundary is given. Forced tokens start where the model's last token ended. If the
   model's own tokenization of the whole output would have merged across that point, no choice of
   forced tokens can undo it. The matcher remembers bytes, not token ids, so it cannot tell.
@@ -60,7 +59,6 @@ Forcing fewer tokens is always safe: the decoder just samples the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numba

@@ -305,7 +305,8 @@ def test_forced_tokens_are_canonical(tok):
                 want = oracle.encode(tail.decode("utf-8"), add_special_tokens=False).ids
                 if spell(info, want) != tail:
                     continue  # the tokenizer rewrote the text (normalizer): not a tokenization of these bytes
-                assert want[: len(ids)] == ids, (tok, name, prefix, forced, cont, [info.decoded_vocab[t] for t in want[:8]])
+                assert want[: len(ids)] == ids, (tok, name, prefix, forced, cont,
+                                                 [info.decoded_vocab[t] for t in want[:8]])
                 n_direct += 1
                 # The whole output: where its encoding has a boundary at the end of the prefix, the
                 # forced tokens come next.

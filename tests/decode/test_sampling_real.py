@@ -1,7 +1,8 @@
 """Masked sampling and AWRS agree on a real grammar with a real tokenizer (GPT-2, 50,257 tokens).
 
-At a few grammar states (inside a JSON string, in an enum, and where the grammar may stop), both samplers draw from the same seeded random logits. The logits are tilted so the top
-of the distribution mixes allowed and disallowed tokens, and AWRS really rejects. Checks:
+At a few grammar states (inside a JSON string, in an enum, and where the grammar may stop), both
+samplers draw from the same seeded random logits. The logits are tilted so the top of the
+distribution mixes allowed and disallowed tokens, and AWRS really rejects. Checks:
 
 * a χ² test of homogeneity between the two samplers' counts;
 * a χ² goodness-of-fit test of each against the exact target ``p·c/Z``, with ``c`` the
