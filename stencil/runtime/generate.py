@@ -179,7 +179,7 @@ def _compile_row(compiler: GrammarCompiler, tokenizer: Any, *, schema: Any, gram
     if schema is not None:
         if isinstance(schema, CompiledGrammar):
             return _RowSpec(schema, schema=None)
-        return _RowSpec(compiler.compile_json_schema(schema, **compile_options), schema=schema)
+        return _RowSpec(_with_options(compiler.compile_json_schema, schema, compile_options, "schema"), schema=schema)
     if grammar is not None:
         if isinstance(grammar, CompiledGrammar):
             return _RowSpec(grammar)
@@ -187,7 +187,7 @@ def _compile_row(compiler: GrammarCompiler, tokenizer: Any, *, schema: Any, gram
             return _RowSpec(bind(grammar, compiler.tokenizer_info))
         if not isinstance(grammar, str):
             raise StencilError(f"grammar must be EBNF/Lark text, a Grammar or a CompiledGrammar, got {type(grammar).__name__}")
-        return _RowSpec(compiler.compile_grammar(grammar, **compile_options))
+        return _RowSpec(_with_options(compiler.compile_grammar, grammar, compile_options, "grammar"))
     if regex is not None:
         if not isinstance(regex, str):
             raise StencilError(f"regex must be a string, got {type(regex).__name__}")
@@ -199,10 +199,20 @@ def _compile_row(compiler: GrammarCompiler, tokenizer: Any, *, schema: Any, gram
     if tools is not None:
         tools_mod = _tools_module()
         fmt = tool_format or tools_mod.detect_tool_format(tokenizer)
-        g = tools_mod.build_tool_grammar(tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                                         format=fmt, **compile_options)
+        g = _with_options(tools_mod.build_tool_grammar, tools, dict(compile_options, tool_choice=tool_choice,
+                          parallel_tool_calls=parallel_tool_calls, format=fmt), "tools")
         return _RowSpec(bind(g, compiler.tokenizer_info), tools=tools, tool_format=fmt)
     return _RowSpec(None)
+
+
+def _with_options(compile_fn, source: Any, options: dict, kind: str) -> Any:
+    """``compile_fn(source, **options)``, with options it does not take reported as a user error."""
+    try:
+        return compile_fn(source, **options)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise StencilError(f"compile_options {sorted(options)} do not apply to {kind}: {e}") from e
 
 
 def _tools_module():
