@@ -560,7 +560,7 @@ def _hex4(ranges: Ranges) -> Expr:
 
 
 PRINTABLE_ASCII: Ranges = ((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7E))
-"""Printable ASCII other than ``"`` and ``\``: with ``raw_ascii`` these are only ever written raw."""
+"""Printable ASCII other than the quote and the backslash: with ``raw_ascii`` only ever written raw."""
 
 
 @lru_cache(maxsize=8192)
@@ -755,7 +755,7 @@ def exponent_spellings(x: Decimal) -> Expr:
     ds = "".join(map(str, digits))
     e10 = exp + len(ds) - 1
     mant = lit(ds[0]) if len(ds) == 1 else seq(lit(ds[0] + "." + ds[1:]))
-    mant = seq(mant, star(lit("0"))) if len(ds) > 1 else seq(mant, opt(seq(lit("."), star(lit("0")))))
+    mant = seq(mant, star(lit("0"))) if len(ds) > 1 else seq(mant, opt(seq(lit("."), Repeat(lit("0"), 1, None))))
     e_abs = lit(str(abs(e10)))
     exp_part = seq(ByteClass(((0x45, 0x45), (0x65, 0x65))),
                    (lit("-") if e10 < 0 else (opt(ByteClass(((0x2B, 0x2B), (0x2D, 0x2D)))) if e10 == 0 else opt(lit("+")))),

@@ -1429,7 +1429,11 @@ class _Normalizer:
             else:  # ne
                 part = lx.complement(lx.dfa_from_expr(lx.value_spellings(a[1])))
             only_bounds = only_bounds and op in ("ge", "gt", "le", "lt")
-            d = lx.minimize(lx.intersect(d, part, 200_000))
+            try:
+                d = lx.minimize(lx.intersect(d, part, self.MAX_DFA))
+            except lx.LexLimit as e:
+                where = next((x[2] for x in atoms if x[0] in ("mul", "nmul")), "")
+                raise _Unenforceable(f"the number constraints are too complex to combine exactly: {e}", where) from None
         self.dfa_cache[key] = (d, only_bounds)
         return d, only_bounds
 
@@ -1889,6 +1893,10 @@ class _Compiler(_Normalizer):
             key = seq(lit('"'), lx.json_text(name, raw_ascii=True), lit('"'))
             members.append((name, seq(key, self.ws, lit(":"), self.ws, self.value_ref(sub)), req))
         extra = self.extra_member(o, declared)
+        if extra is not None and o.min >= 2:
+            # Undeclared members cannot be told apart: {"x": 1, "x": 2} would count as two.
+            self.unenforceable("'minProperties' >= 2 on an object that allows undeclared properties cannot be "
+                               "enforced exactly (a repeated name would count twice)", o.min_ptr)
         if self.opts.any_order:
             return self.any_order_object(o, members, extra)
         w = self.ws
