@@ -7,7 +7,8 @@ Tested against vLLM 0.33.0 (see docs/vllm.md). Two independent ways in:
    One class implements both interfaces: the V1 one (``__init__(vllm_config, device,
    is_pin_memory)``, ``update_state``, ``apply(logits)``) and Model Runner V2's
    (``__init__(vllm_config, req_states)``, ``add_request``, ``apply(logits, ctx)``); vLLM picks by
-   the runner it uses. A request opts in with ``SamplingParams(extra_args={"stencil": {...}})``::
+   the runner it uses. A request opts in with ``SamplingParams(extra_args={"stencil": {...}})``
+   (or, through the OpenAI server, ``"vllm_xargs": {"stencil": "<the same object as JSON text>"}``)::
 
        {"json_schema": {...}}                      # options: strict, any_order, whitespace, lenient
        {"grammar": "root ::= ..."}                 # options: syntax ("auto", "ebnf", "lark"), root
@@ -118,6 +119,13 @@ class StencilRequest:
 
     @classmethod
     def parse(cls, d: Any) -> "StencilRequest":
+        """From the value of ``"stencil"``: an object, or its JSON text (what the OpenAI server's
+        ``vllm_xargs`` can carry, since its values must be strings, numbers or lists)."""
+        if isinstance(d, str):
+            try:
+                d = json.loads(d)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"stencil: extra_args['stencil'] is not valid JSON ({e.msg})") from None
         if not isinstance(d, dict):
             raise ValueError(f"stencil: extra_args['stencil'] must be an object, got {type(d).__name__}")
         kinds = [k for k in _OPTIONS if k in d]

@@ -183,7 +183,8 @@ def test_entry_point_is_accepted_by_both_vllm_loaders():
 @pytest.mark.parametrize("stencil, match", [
     ({"json_schema": {"type": "object"}, "regex": "a"}, "exactly one of"),
     ({}, "exactly one of"),
-    ("regex", "must be an object"),
+    (["regex"], "must be an object"),
+    ("{not json", "not valid JSON"),
     ({"regex": "(a"}, "invalid regex"),
     ({"json_schema": {"type": "nonsense"}}, "invalid json_schema"),
     ({"json_schema": "{not json"}, "not valid JSON"),
@@ -208,6 +209,9 @@ def test_validate_params_rejects_bad_constraints(stencil, match):
 def test_validate_params_accepts_good_and_absent_constraints():
     for c in CONSTRAINTS:
         sv.StencilLogitsProcessor.validate_params(params(c))
+        if c is not None:  # the OpenAI server's vllm_xargs carry it as JSON text
+            sv.StencilLogitsProcessor.validate_params(SamplingParams(extra_args={"stencil": json.dumps(c)}))
+            assert sv.StencilRequest.parse(json.dumps(c)) == sv.StencilRequest.parse(c)
     sv.StencilLogitsProcessor.validate_params(SamplingParams(extra_args={"other": 1}))
 
 
