@@ -439,7 +439,10 @@ def _legacy(tag: dict) -> dict:
     for i, s in enumerate(structures):
         if not isinstance(s, dict) or not {"begin", "schema", "end"} <= s.keys():
             raise GrammarError(f"structural tag: structures[{i}]: expected an object with begin, schema and end")
-        schema = json.loads(s["schema"]) if isinstance(s["schema"], str) else s["schema"]
+        try:
+            schema = json.loads(s["schema"]) if isinstance(s["schema"], str) else s["schema"]
+        except json.JSONDecodeError as e:
+            raise GrammarError(f"structural tag: structures[{i}].schema: not valid JSON ({e.msg})") from None
         tags.append({"type": "tag", "begin": s["begin"], "end": s["end"],
                      "content": {"type": "json_schema", "json_schema": schema}})
     return {"type": "triggered_tags", "triggers": tag.get("triggers"), "tags": tags}

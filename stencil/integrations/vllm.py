@@ -354,6 +354,7 @@ class _Runtime:
     _lock = threading.Lock()
 
     def __init__(self, vllm_config: Any):
+        self.config = vllm_config  # held so that its id, the registry key, is never reused
         settings = dict((getattr(vllm_config, "additional_config", None) or {}).get("stencil", {}) or {})
         unknown = sorted(set(settings) - {"tokenizer", "vocab_size", "threads", "cache_size"})
         if unknown:

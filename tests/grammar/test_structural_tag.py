@@ -25,7 +25,7 @@ from stencil.grammar.structural_tag import literal, structural_tag_to_grammar, t
 from stencil.grammar.vocab import TokenizerInfo
 from tests.conftest import tokenizer_dir
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def accepts(g, s: str) -> bool:
@@ -197,7 +197,7 @@ def valid(schema, v) -> bool:
     return jsonschema.Draft202012Validator(schema).is_valid(v)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(v=JSON_VALUES, spaced=st.booleans())
 def test_json_schema_content_follows_jsonschema(v, spaced):
     spec = {"type": "tag", "begin": "<tool_call>", "end": "</tool_call>",
@@ -273,6 +273,8 @@ def test_bad_specs_name_the_path(spec, where):
 def test_bad_json_text():
     with pytest.raises(GrammarError, match="not valid JSON"):
         structural_tag_to_grammar("{nope")
+    with pytest.raises(GrammarError, match=r"structures\[0\].schema: not valid JSON"):
+        structural_tag_to_grammar({"structures": [{"begin": "<f>", "schema": "{", "end": "</f>"}], "triggers": ["<f"]})
 
 
 # ----------------------------------------------------------------------------------------------
