@@ -168,7 +168,7 @@ def git_commit() -> str:
                              text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
                                capture_output=True, text=True).stdout.strip()
-        return rev + ("+uncommitted" if dirty else "")
+        return (rev + ("+uncommitted" if dirty else "")) if rev else "unknown (not a git checkout)"
     except OSError:
         return "unknown"
 
