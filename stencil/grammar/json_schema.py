@@ -239,6 +239,10 @@ class Obj:
     max: int | None = None
     names: Sub = TRUE  # propertyNames
     min_ptr: str = ""
+    # "Some member has a key in this language and a value in this Sub" (from negating
+    # patternProperties/additionalProperties/propertyNames): ((key language spec, Sub), ...), where a
+    # spec is (patterns it matches, patterns it does not match, names it is not, Sub it fails or None).
+    exists: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,7 @@ def _meet_obj(a: Obj | None, b: Obj | None) -> Obj | None:
         max=mx,
         names=a.names | b.names,
         min_ptr=a.min_ptr if a.min >= b.min else b.min_ptr,
+        exists=_uniq(a.exists + b.exists),
     )
 
 
@@ -1203,12 +1208,21 @@ class _Normalizer:
                 if s != TRUE:
                     out.append((Obj(comps=(ObjComp(props=((name, self.neg_sub(s, ptr)),)),), required=(name,)),
                                 Obj(comps=(ObjComp(props=((name, s),)),))))
-            if any(s != TRUE for _, s, _ in comp.patterns) or comp.additional != TRUE:
-                self.unenforceable("negating patternProperties/additionalProperties needs 'some property is invalid', "
-                                   "which is not supported", ptr)
-                return [(Obj(), Obj())]
+            for pat, s, pp in comp.patterns:
+                if s != TRUE:
+                    spec = (((pat, pp),), (), (), None)
+                    out.append((Obj(exists=((spec, self.neg_sub(s, ptr)),)), Obj(comps=(ObjComp(patterns=((pat, s, pp),)),))))
+            if comp.additional != TRUE:
+                spec = ((), tuple((pat, pp) for pat, _, pp in comp.patterns), tuple(n for n, _ in comp.props), None)
+                keep = ObjComp(props=tuple((n, TRUE) for n, _ in comp.props),
+                               patterns=tuple((pat, TRUE, pp) for pat, _, pp in comp.patterns),
+                               additional=comp.additional, explicit=comp.explicit)
+                out.append((Obj(exists=((spec, self.neg_sub(comp.additional, ptr)),)), Obj(comps=(keep,))))
         if o.names != TRUE:
-            self.unenforceable("negating 'propertyNames' needs 'some name is invalid', which is not supported", ptr)
+            out.append((Obj(exists=((((), (), (), o.names), TRUE),)), Obj(names=o.names)))
+        if o.exists:
+            self.unenforceable("negating 'some property is invalid' (a negated patternProperties, additionalProperties "
+                               "or propertyNames inside another negation) is not supported", ptr)
             return [(Obj(), Obj())]
         return out
 
@@ -1268,7 +1282,37 @@ class _Normalizer:
                 return False
             if not self.check_sub(self.member_sub(o, k), x):
                 return False
+        for spec, sub in o.exists:
+            keys = self.keyspec_dfa(spec)
+            if keys is not None and not any(keys.accepts(k) and self.check_sub(sub, x) for k, x in members):
+                return False
         return True
+
+    def keyspec_dfa(self, spec: tuple) -> lx.CharDFA | None:
+        """The key language of an ``exists`` entry (None if unsupported, in lenient mode)."""
+        pos, neg, names, not_names = spec
+        key = ("keyspec", spec)
+        if key in self.dfa_cache:
+            return self.dfa_cache[key]
+        d = lx.UNIVERSE
+        try:
+            for pat, pp in pos + neg:
+                part = self.atom_dfa(("re", pat, pp))
+                if part is None:
+                    self.dfa_cache[key] = None
+                    return None
+                d = lx.minimize(lx.intersect(d, part if (pat, pp) in pos else lx.complement(part), self.MAX_DFA))
+            if names:
+                d = lx.minimize(lx.intersect(d, lx.complement(lx.strings_dfa(names)), self.MAX_DFA))
+            if not_names is not None:
+                n = self.names_dfa(not_names)
+                d = lx.minimize(lx.intersect(d, lx.complement(n), self.MAX_DFA)) if n is not None else lx.strings_dfa([])
+        except lx.LexLimit as e:
+            self.unenforceable(f"the property-name constraints are too complex to enforce exactly: {e}",
+                               (pos + neg)[0][1] if pos + neg else "")
+            d = None
+        self.dfa_cache[key] = d
+        return d
 
     def member_sub(self, o: Obj, name: str) -> Sub:
         """What the value of member ``name`` must satisfy (all components together)."""
@@ -1326,9 +1370,27 @@ class _Normalizer:
                     return False
             if kind == "object":
                 o = c.obj or Obj()
-                if not any(self.sub_empty(self.member_sub(o, r), depth - 1) for r in o.required):
+                if not (any(self.sub_empty(self.member_sub(o, r), depth - 1) for r in o.required)
+                        or self.exists_contradicted(o)):
                     return False
         return True
+
+    def exists_contradicted(self, o: Obj) -> bool:
+        """An ``exists`` entry that the object's own keyword forbids (as negation pairs them)."""
+        for (pos, neg, names, not_names), esub in o.exists:
+            if not_names is not None and not_names <= o.names:
+                return True
+            for comp in o.comps:
+                if len(pos) == 1 and not neg and not names and not_names is None:
+                    for pat, sub, pp in comp.patterns:
+                        if (pat, pp) == pos[0] and esub == self.neg_sub(sub, pp):
+                            return True
+                if (not pos and not_names is None and comp.additional != TRUE
+                        and set(neg) == {(pat, pp) for pat, _, pp in comp.patterns}
+                        and set(names) == {n for n, _ in comp.props}
+                        and esub == self.neg_sub(comp.additional, "")):
+                    return True
+        return False
 
     def num_empty(self, atoms: frozenset) -> bool:
         if not atoms:
@@ -1879,7 +1941,9 @@ class _Compiler(_Normalizer):
 
     def object_expr(self, o: Obj) -> Expr:
         declared = _uniq([n for comp in o.comps for n, _ in comp.props] + list(o.required))
-        members: list[tuple[str, Expr, bool]] = []
+        exists = [(spec, sub, d) for spec, sub in o.exists if (d := self.keyspec_dfa(spec)) is not None]
+        # Each member is a list of (label, exists-flags it satisfies) variants.
+        members: list[tuple[str, list[tuple[Expr, int]], bool]] = []
         for name in declared:
             sub = self.member_sub(o, name)
             ok = self.FALSE not in sub and bool(self.shape(sub))
@@ -1890,21 +1954,34 @@ class _Compiler(_Normalizer):
                 if req:
                     return NOTHING
                 continue
-            key = seq(lit('"'), lx.json_text(name, raw_ascii=True), lit('"'))
-            members.append((name, seq(key, self.ws, lit(":"), self.ws, self.value_ref(sub)), req))
+            key = seq(lit('"'), lx.json_text(name, raw_ascii=True), lit('"'), self.ws, lit(":"), self.ws)
+            variants = [(seq(key, self.value_ref(sub)), 0)]
+            for j, (spec, esub, d) in enumerate(exists):
+                if d.accepts(name) and self.shape(sub | esub):
+                    variants.append((seq(key, self.value_ref(sub | esub)), 1 << j))
+            members.append((name, variants, req))
+        extras: list[tuple[Expr, int]] = []
         extra = self.extra_member(o, declared)
-        if extra is not None and o.min >= 2:
-            # Undeclared members cannot be told apart: {"x": 1, "x": 2} would count as two.
-            self.unenforceable("'minProperties' >= 2 on an object that allows undeclared properties cannot be "
-                               "enforced exactly (a repeated name would count twice)", o.min_ptr)
+        if extra is not None:
+            extras.append((extra, 0))
+            if o.min >= 2:
+                # Undeclared members cannot be told apart: {"x": 1, "x": 2} would count as two.
+                self.unenforceable("'minProperties' >= 2 on an object that allows undeclared properties cannot be "
+                                   "enforced exactly (a repeated name would count twice)", o.min_ptr)
+        for j, (spec, esub, d) in enumerate(exists):
+            witness = self.extra_member(o, declared, (spec, esub))
+            if witness is not None:
+                extras.append((witness, 1 << j))
+        need_flags = (1 << len(exists)) - 1
         if self.opts.any_order:
-            return self.any_order_object(o, members, extra)
+            return self.any_order_object(o, members, extras, need_flags)
         w = self.ws
         sep = lambda started: seq(w, lit(","), w) if started else w  # noqa: E731
         cap = (o.max + 1) if o.max is not None else o.min
         n = len(members)
-        index = {(0, False, 0): 0}
-        order = [(0, False, 0)]
+        start = (0, False, 0, 0)
+        index = {start: 0}
+        order = [start]
         edges: list[tuple[int, Expr, int]] = []
         END = -1
 
@@ -1918,61 +1995,62 @@ class _Compiler(_Normalizer):
 
         i = 0
         while i < len(order):
-            pos, started, cnt = order[i]
+            pos, started, cnt, flags = order[i]
             src = i
             i += 1
             if len(order) > _MAX_AUTOMATON:
                 self.unenforceable("the object needs too many automaton states (properties x counts)", o.min_ptr)
                 return Ref(self.json["object"])
             if pos == n:
-                if cnt >= o.min:
+                if cnt >= o.min and flags == need_flags:
                     edges.append((src, seq(w, lit("}")), END))
             else:
-                name, member, req = members[pos]
+                name, variants, req = members[pos]
                 if not req:
-                    go(src, (pos + 1, started, cnt), EMPTY)
-                go(src, (pos + 1, True, min(cnt + 1, cap)), seq(sep(started), member))
-            if extra is not None:
-                go(src, (pos, True, min(cnt + 1, cap)), seq(sep(started), extra))
+                    go(src, (pos + 1, started, cnt, flags), EMPTY)
+                for label, fb in variants:
+                    go(src, (pos + 1, True, min(cnt + 1, cap), flags | fb), seq(sep(started), label))
+            for label, fb in extras:
+                go(src, (pos, True, min(cnt + 1, cap), flags | fb), seq(sep(started), label))
         k = len(order)
         edges = [(s, x, k if t == END else t) for s, x, t in edges]
         return seq(lit("{"), Automaton(k + 1, tuple(edges), (k,)))
 
-    def any_order_object(self, o: Obj, members: list, extra: Expr | None) -> Expr:
+    def any_order_object(self, o: Obj, members: list, extras: list, need_flags: int) -> Expr:
         """Members in any order, each declared one at most once (tracked as a set of seen members)."""
         w = self.ws
         cap = (o.max + 1) if o.max is not None else o.min
         n = len(members)
-        full = (2**n) * 2 * (cap + 1) <= _MAX_ANY_ORDER_STATES
+        full = (2**n) * 2 * (cap + 1) * (need_flags + 1) <= _MAX_ANY_ORDER_STATES
         tracked = list(range(n)) if full else [j for j in range(n) if members[j][2]]
         if not full and (o.min > 0 or o.max is not None or 2 ** len(tracked) > _MAX_ANY_ORDER_STATES):
             self.unenforceable(f"any_order=True on an object with {n} properties ({len(tracked)} required) "
                                "and property counts needs too many states", o.min_ptr)
         bit = {j: 1 << t for t, j in enumerate(tracked)}
         need = sum(bit[j] for j in tracked if members[j][2])
-        index = {(0, False, 0): 0}
-        order = [(0, False, 0)]
+        start = (0, False, 0, 0)
+        index = {start: 0}
+        order = [start]
         edges: list[tuple[int, Expr, int]] = []
         END = -1
         i = 0
         while i < len(order):
-            seen, started, cnt = order[i]
+            seen, started, cnt, flags = order[i]
             src = i
             i += 1
             if len(order) > _MAX_AUTOMATON:
                 self.unenforceable("any_order=True object needs too many automaton states", o.min_ptr)
                 return Ref(self.json["object"])
-            if seen & need == need and cnt >= o.min:
+            if seen & need == need and cnt >= o.min and flags == need_flags:
                 edges.append((src, seq(w, lit("}")), END))
             sep = seq(w, lit(","), w) if started else w
-            moves = [(j, members[j][1]) for j in range(n) if not (j in bit and seen & bit[j])]
-            if extra is not None:
-                moves.append((None, extra))
-            for j, label in moves:
-                c2 = min(cnt + 1, cap)
-                if o.max is not None and cnt + 1 > o.max:
-                    continue
-                key = (seen | bit.get(j, 0) if j is not None else seen, True, c2)
+            moves = [(bit.get(j, 0), label, fb) for j in range(n) if not (j in bit and seen & bit[j])
+                     for label, fb in members[j][1]]
+            moves += [(0, label, fb) for label, fb in extras]
+            if o.max is not None and cnt + 1 > o.max:
+                moves = []
+            for b, label, fb in moves:
+                key = (seen | b, True, min(cnt + 1, cap), flags | fb)
                 if key not in index:
                     index[key] = len(order)
                     order.append(key)
@@ -1981,12 +2059,16 @@ class _Compiler(_Normalizer):
         edges = [(s, x, k if t == END else t) for s, x, t in edges]
         return seq(lit("{"), Automaton(k + 1, tuple(edges), (k,)))
 
-    def extra_member(self, o: Obj, declared: tuple) -> Expr | None:
-        """``"key": value`` for undeclared names, or None if none is allowed."""
+    def extra_member(self, o: Obj, declared: tuple, witness: tuple | None = None) -> Expr | None:
+        """``"key": value`` for undeclared names, or None if none is allowed.
+
+        ``witness`` = (key language spec, Sub): only members that also satisfy that ``exists`` entry.
+        """
         pats = [(pat, s, ptr, ci) for ci, comp in enumerate(o.comps) for pat, s, ptr in comp.patterns]
         strict_forbid = (self.opts.strict and not any(c.explicit for c in o.comps)
                          and any(c.props or c.patterns for c in o.comps))
-        if not pats and not declared and o.names == TRUE:
+        also = witness[1] if witness is not None else TRUE
+        if not pats and not declared and o.names == TRUE and witness is None:
             sub = frozenset().union(*(c.additional for c in o.comps)) if o.comps else TRUE
             if strict_forbid or self.FALSE in sub or not self.shape(sub):
                 return None
@@ -1997,6 +2079,9 @@ class _Compiler(_Normalizer):
             if declared:
                 excl = lx.complement(lx.strings_dfa(declared))
                 base = excl if base is None else lx.intersect(base, excl, self.MAX_DFA)
+            if witness is not None:
+                keys = self.keyspec_dfa(witness[0])
+                base = keys if base is None else lx.intersect(base, keys, self.MAX_DFA)
             pdfas = [self.atom_dfa(("re", pat, ptr)) for pat, _, ptr, _ in pats]
         except lx.LexLimit as e:
             self.unenforceable(f"the property-name constraints are too complex to enforce exactly: {e}",
@@ -2039,14 +2124,14 @@ class _Compiler(_Normalizer):
                     parts |= comp.additional
             if not matched and strict_forbid:
                 continue
-            sub = frozenset(parts)
+            sub = frozenset(parts) | also
             if self.FALSE in sub or not self.shape(sub):
                 continue
             key = lx.dfa_to_expr(d, self.char_label(True))
             alts.append(seq(lit('"'), key, lit('"'), self.ws, lit(":"), self.ws, self.value_ref(sub)))
         if not alts:
             return None
-        return self.lazy_rule(("extra", o), "member", lambda: alt(*alts))
+        return self.lazy_rule(("extra", o, witness), "member", lambda: alt(*alts))
 
     def names_dfa(self, names: Sub) -> lx.CharDFA | None:
         """The DFA of allowed property names (None: any name)."""
