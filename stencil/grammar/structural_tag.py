@@ -49,7 +49,7 @@ what :mod:`stencil.integrations.tools` builds tool-call grammars from.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from stencil.errors import GrammarError, RegexError, SchemaError

@@ -470,15 +470,12 @@ class StencilLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
 
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         # V1 calls (vllm_config, device, is_pin_memory); V2 calls (vllm_config, req_states).
+        # The device is the logits' own, and masks go there from pageable memory (a pinned buffer
+        # reused across steps could be overwritten before an asynchronous copy of it ran).
         if len(args) + len(kwargs) == 1:
             self.req_states: LogitsProcRequestState | None = args[0] if args else kwargs["req_states"]
-            self.device = self.req_states.device
-            self.pin_memory = False
         else:
-            params = dict(zip(("device", "is_pin_memory"), args)) | kwargs
             self.req_states = None
-            self.device = params["device"]
-            self.pin_memory = bool(params["is_pin_memory"])
             self._check_v1(vllm_config)
         self.runtime = _Runtime.of(vllm_config)
         self.slots: dict[int, _Slot] = {}
@@ -620,12 +617,9 @@ class StencilLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             _fill_rows(slot, drafts, masks, int(offsets[i]))
 
         list(self.runtime.pool.map(run, range(len(tasks))))
-        bitmask = torch.from_numpy(masks)
-        if self.pin_memory:
-            bitmask = bitmask.pin_memory()
         idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
         sub = logits.index_select(0, idx)
-        apply_token_bitmask_inplace(sub, bitmask.to(logits.device, non_blocking=True))
+        apply_token_bitmask_inplace(sub, torch.from_numpy(masks).to(logits.device))
         logits.index_copy_(0, idx, sub)
         return logits
 
