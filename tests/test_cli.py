@@ -89,5 +89,5 @@ def test_user_errors_are_one_line(capsys, tmp_path):
 def test_console_entry_point_runs_as_a_process():
     proc = subprocess.run([sys.executable, "-m", "stencil.cli", "generate", "--choices", "alpha,beta", "--prompt",
                            "Pick one.", "--json"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["text"] in ("alpha", "beta")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["text"] in ("alpha", "beta"), (proc.stdout, proc.stderr[-2000:])
