@@ -5,7 +5,7 @@ instances, tool calls, short answers), so that constrained decoding with it fini
 looks sensible. The corpus mixes, all in the chat format of the packaged chat template
 (``user: ...\\nassistant:\\n<output>`` followed by ``<|endoftext|>``):
 
-* ``schema``: valid instances (``tests`` with ``valid: true``, at most 300 characters) of the
+* ``schema``: valid instances (``tests`` with ``valid: true``, at most 200 characters) of the
   schemas in ``../shared/jsonschemabench/dev``, with a prompt naming the schema and its keys;
 * ``example``: synthetic instances of the schemas shipped in ``examples/`` (person, event);
 * ``tool``: tool-call transcripts from the BFCL and Glaive records of the dev set (function name and
@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared"
-MAX_INSTANCE_CHARS = 300
+MAX_INSTANCE_CHARS = 200
 
 FIRST = ["Alice", "Bob", "Carla", "David", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kira", "Liam",
          "Maya", "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Yara", "Zoe"]
