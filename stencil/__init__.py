@@ -3,7 +3,8 @@
 Read from here down: a :class:`TokenizerInfo` describes a vocabulary as bytes; a
 :class:`GrammarCompiler` turns JSON Schema, EBNF/Lark, regexes or choices into a
 :class:`CompiledGrammar`; a :class:`GrammarMatcher` follows one sequence through it and fills
-token bitmasks. ``docs/`` has one page per algorithm.
+token bitmasks. :func:`generate` runs a transformers model under any of those constraints.
+``docs/`` has one page per algorithm.
 """
 
 from stencil.decode.bitmask import allocate_token_bitmask, apply_token_bitmask_inplace
@@ -19,11 +20,16 @@ from stencil.errors import (
 from stencil.grammar.compiler import CompiledGrammar, GrammarCompiler
 from stencil.grammar.ir import Grammar, GrammarBuilder
 from stencil.grammar.vocab import TokenizerInfo, VocabType
+from stencil.runtime.engine import Generation, GenerationStats
+from stencil.runtime.generate import GenerationStream, generate, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompiledGrammar",
+    "Generation",
+    "GenerationStats",
+    "GenerationStream",
     "Grammar",
     "GrammarBuilder",
     "GrammarCompiler",
@@ -38,4 +44,6 @@ __all__ = [
     "VocabType",
     "allocate_token_bitmask",
     "apply_token_bitmask_inplace",
+    "generate",
+    "load_model",
 ]
