@@ -23,7 +23,18 @@ import torch
 
 from stencil.decode import jump_forward as _jump_forward
 from stencil.decode import speculative as _speculative
-from stencil.decode.parser import _KERNEL, GROW, LIMIT, Recognizer, advance, is_accepting
+from stencil.decode.parser import (
+    _KERNEL,
+    GROW,
+    LIMIT,
+    Recognizer,
+    _add,
+    _closure,
+    _full,
+    _row_cap,
+    advance,
+    is_accepting,
+)
 from stencil.errors import StencilError
 from stencil.grammar.compiler import CompiledGrammar
 from stencil.grammar.masks import ACC_BITS, ACC_COMPLEMENT, ACC_LIST
@@ -53,7 +64,7 @@ class GrammarMatcher:
         self._rec = Recognizer(compiled.grammar, max_items_per_row=max_items_per_row)
         self._history: list[int] = []  # symbols consumed per accepted token (-1: a stop token)
         self._terminated = False
-        self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # (row states, seen stamps), made on first fill
+        self._scratch: tuple | None = None  # scratch of the mask kernels, made on first use
 
     # -- state -----------------------------------------------------------------------------
 
@@ -138,10 +149,10 @@ class GrammarMatcher:
             if self.tokenizer_info.token_kind[t] != KIND_TEXT:
                 return False
             rec = self._rec
-            states, seen = self._scratch_arrays()
+            states, seen, _, _ = self._scratch_arrays()
             state_entry, ent, ids, bits = cache.pools
             c = _classify_token(rec.G, cache.flags, rec._st, rec._org, rec._row_ptr, rec._meta, state_entry, ent,
-                                ids, bits, self.tokenizer_info.token_node, self.tokenizer_info.trie_subtree,
+                                ids, bits, cache.forest.token_node, cache.forest.trie_subtree,
                                 states, seen, t)
             if c != _ASK_PARSER:
                 return c == _ACCEPTED
@@ -184,11 +195,13 @@ class GrammarMatcher:
 
     # -- masks -----------------------------------------------------------------------------
 
-    def _scratch_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(row states, seen stamps): per-matcher scratch of the mask kernels, made on first use."""
+    def _scratch_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-matcher scratch of the mask kernels, made on first use: row states, seen stamps,
+        a work stack and a byte set for :func:`_context_first`."""
         if self._scratch is None:
             n = self.compiled.grammar.n_states
-            self._scratch = (np.empty(max(n, 1), np.int32), np.zeros(n + 1, np.int64))
+            self._scratch = (np.empty(max(n, 1), np.int32), np.zeros(n + 1, np.int64), np.zeros(128, np.int64),
+                             np.zeros(4, np.uint64))
         return self._scratch
 
     def fill_next_token_bitmask(self, bitmask, index: int = 0) -> None:
@@ -204,18 +217,19 @@ class GrammarMatcher:
         if self._terminated:
             arr[index] = 0
             return
-        states, seen = self._scratch_arrays()
+        states, seen, work, cf = self._scratch_arrays()
         cache = self._cache
+        forest = cache.forest
         info = self.tokenizer_info
         rec = self._rec
         n0 = int(rec._meta[0])
         while True:
             state_entry, ent, ids, bits = cache.pools
-            r = _fill_row(rec.G, cache.flags, rec._st, rec._org, rec._row_ptr, rec._ht_key, rec._ht_gen, rec._meta,
-                          rec.max_items_per_row, state_entry, ent, ids, bits, cache.text_bits,
-                          info.trie_byte, info.trie_depth, info.trie_subtree, info.trie_tok_ptr, info.trie_tok_ids,
-                          info.token_bytes, info.token_offsets, cache.stop_ids, cache.special_ids,
-                          cache.special_syms, states, seen, arr, index)
+            r = _fill_row(rec.G, cache.flags, cache.first, cache.end_null, rec._st, rec._org, rec._row_ptr, rec._ht_key,
+                          rec._ht_gen, rec._meta, rec.max_items_per_row, state_entry, ent, ids, bits, cache.text_bits,
+                          forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr,
+                          forest.trie_tok_ids, info.token_bytes, info.token_offsets, cache.stop_ids, cache.special_ids,
+                          cache.special_syms, states, seen, work, cf, arr, index)
             if r == 0:
                 return
             if r > 0:
@@ -366,20 +380,33 @@ def _or_accepted(out, mode, off, n, ids, bits, text_bits):
 
 
 @numba.njit(**_KERNEL)
-def _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, nodes, trie_byte, trie_depth,
+def _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, pairs, cf, trie_byte, trie_depth,
                     trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets, out):
-    """Set in ``out`` the tokens of the subtrees ``nodes`` (preorder) that the parser accepts from the last row.
+    """Set in ``out`` the tokens of the uncertain subtrees that the parser accepts from the last row.
 
-    Consecutive subtrees share their path prefix; a prefix that failed is never retried. Returns
-    0, or GROW / LIMIT with ``meta[0]`` left at the row that needed room.
+    ``pairs`` = (node, after-end bytes) as stored by the mask cache, nodes in preorder; ``cf`` =
+    the bytes that can follow the state's rule in this chart: a subtree none of whose after-end
+    bytes is in it cannot be read, so it is skipped unwalked. Consecutive subtrees share their path
+    prefix; a prefix that failed is never retried. Returns 0, or GROW / LIMIT with ``meta[0]``
+    left at the row that needed room.
     """
     n0 = meta[0]
     prev_tok = -1
     prev_len = 0
     applied = 0  # path bytes of the previous subtree whose rows are in place
     fail = 1 << 30  # index of the previous path's first rejected byte
-    for j in range(nodes.shape[0]):
-        node = nodes[j]
+    for j in range(pairs.shape[0] // 2):
+        node = pairs[2 * j]
+        after = pairs[2 * j + 1]
+        if after != 0:
+            ok = False
+            for k in range(after >> 24):
+                c = (after >> (8 * k)) & 0xFF
+                if (cf[c >> 6] >> np.uint64(c & 63)) & np.uint64(1):
+                    ok = True
+                    break
+            if not ok:
+                continue  # no after-end byte can follow the rule here
         if _all_set(out, trie_tok_ptr, trie_tok_ids, node, trie_subtree):
             continue  # another state already accepts the whole subtree
         depth = trie_depth[node]
@@ -468,9 +495,108 @@ def _all_set(out, trie_tok_ptr, trie_tok_ids, node, trie_subtree):
 
 
 @numba.njit(**_KERNEL)
-def _fill_row(G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, state_entry, ent, ids, bits, text_bits,
-              trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets,
-              stop_ids, special_ids, special_syms, states, seen, bitmask, index):
+def _completion_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, rule, origin):
+    """Make row ``meta[0]`` the chart's state right after the instance of ``rule`` begun at row ``origin`` ends.
+
+    That is Earley completion into a fresh row: every item of row ``origin`` waiting on the rule,
+    stepped over it, then closed. Returns the row's end (``meta[0]`` then counts it), or GROW/LIMIT.
+    """
+    edge_ptr, edge_rule, edge_target = G[4], G[7], G[8]
+    row = meta[0]
+    meta[1] += 1
+    gen = meta[1]
+    begin = row_ptr[row]
+    cap = _row_cap(st, ht_key, begin, max_items)
+    end = begin
+    for k in range(row_ptr[origin], row_ptr[origin + 1]):
+        c = st[k]
+        for e in range(edge_ptr[c], edge_ptr[c + 1]):
+            if edge_rule[e] == rule:
+                new = _add(st, org, ht_key, ht_gen, gen, end, cap, edge_target[e], org[k])
+                if new < 0:
+                    return _full(end, begin, max_items)
+                end = new
+    end = _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_items)
+    if end < 0:
+        return end
+    row_ptr[row + 1] = end
+    meta[0] = row + 1
+    return end
+
+
+@numba.njit(**_KERNEL)
+def _walk_suffixes(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids, off, out):
+    """Set the tokens of the suffix trie at ``ids[off:]`` whose suffix the chart reads from its last row.
+
+    (The last row being a completion row, see :func:`_completion_row` and
+    :func:`stencil.grammar.masks._suffix_block`.) Returns 0, or GROW / LIMIT.
+    """
+    n = ids[off]
+    base = off + 2
+    n0 = meta[0]
+    i = 1
+    while i < n:
+        depth = ids[base + n + i]
+        meta[0] = n0 + depth - 1
+        r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, ids[base + i], max_items)
+        if r < 0:
+            return r
+        if r == 0:
+            i += ids[base + 2 * n + i]
+            continue
+        tp = base + 3 * n
+        tid = base + 4 * n + 1
+        for k in range(ids[tp + i], ids[tp + i + 1]):
+            t = ids[tid + k]
+            out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+        i += 1
+    return 0
+
+
+@numba.njit(**_KERNEL)
+def _context_first(G, first, end_null, st, org, row_ptr, rule, origin, work, cf):
+    """OR into ``cf`` the bytes that can come right after the instance of ``rule`` begun at row ``origin`` ends.
+
+    Those are the FIRST bytes of its callers' continuations (items of row ``origin`` waiting on
+    the rule), and, where a continuation can end empty, of the callers' callers, through the
+    chart. Too deep a chain sets every byte (conservative).
+    """
+    state_rule, edge_ptr, edge_rule, edge_target = G[2], G[4], G[7], G[8]
+    work[0] = rule
+    work[1] = origin
+    n = 1
+    expansions = 0
+    while n > 0:
+        n -= 1
+        r = work[2 * n]
+        o = work[2 * n + 1]
+        expansions += 1
+        if expansions > 64:
+            for w in range(4):
+                cf[w] = ~np.uint64(0)
+            return
+        for k in range(row_ptr[o], row_ptr[o + 1]):
+            c = st[k]
+            for e in range(edge_ptr[c], edge_ptr[c + 1]):
+                if edge_rule[e] != r:
+                    continue
+                q = edge_target[e]
+                for w in range(4):
+                    cf[w] |= first[q, w]
+                if end_null[q]:
+                    if 2 * n + 2 > work.shape[0]:
+                        for w in range(4):
+                            cf[w] = ~np.uint64(0)
+                        return
+                    work[2 * n] = state_rule[c]
+                    work[2 * n + 1] = org[k]
+                    n += 1
+
+
+@numba.njit(**_KERNEL)
+def _fill_row(G, flags, first, end_null, st, org, row_ptr, ht_key, ht_gen, meta, max_items, state_entry, ent, ids,
+              bits, text_bits, trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes,
+              token_offsets, stop_ids, special_ids, special_syms, states, seen, work, cf, bitmask, index):
     """Fill ``bitmask[index]`` from the chart's last row.
 
     Returns 0 when done; k > 0 when k row states have no cache entry yet (they are in
@@ -491,14 +617,36 @@ def _fill_row(G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, state
     for j in range(ns):
         e = state_entry[states[j]]
         _or_accepted(out, ent[e, 0], ent[e, 1], ent[e, 2], ids, bits, text_bits)
+    cur = n0 - 1
     for j in range(ns):
-        e = state_entry[states[j]]
-        if ent[e, 4] > 0:
-            r = _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids[ent[e, 3]:ent[e, 3] + ent[e, 4]],
-                                trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes,
-                                token_offsets, out)
+        s = states[j]
+        e = state_entry[s]
+        if ent[e, 4] == 0:
+            continue
+        # The kernel items in this state: (rule, origin) of their instances.
+        for k in range(row_ptr[cur], row_ptr[n0] if cur > 0 else row_ptr[cur] + 1):
+            if cur > 0 and (st[k] != s or org[k] >= cur):
+                continue
+            rule = G[9] if cur == 0 else G[2][s]
+            origin = 0 if cur == 0 else org[k]
+            if ent[e, 5] >= 0:
+                # Suffix trie: complete the rule into a fresh row once, read the distinct suffixes.
+                meta[0] = n0
+                r = _completion_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, rule, origin)
+                if r < 0:
+                    return r
+                r = _walk_suffixes(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids, ent[e, 5], out)
+            else:
+                for w in range(4):
+                    cf[w] = np.uint64(0)
+                _context_first(G, first, end_null, st, org, row_ptr, rule, origin, work, cf)
+                meta[0] = n0
+                r = _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items,
+                                    ids[ent[e, 3]:ent[e, 3] + 2 * ent[e, 4]], cf, trie_byte, trie_depth, trie_subtree,
+                                    trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets, out)
             if r < 0:
                 return r
+    meta[0] = n0
     for j in range(special_ids.shape[0]):
         meta[0] = n0
         r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, special_syms[j], max_items)
@@ -550,15 +698,18 @@ def _classify_token(G, flags, st, org, row_ptr, meta, state_entry, ent, ids, bit
                 return _ACCEPTED
         if not uncertain:
             # The last uncertain subtree starting at or before the token's node: does it contain it?
-            lo, hi = ent[e, 3], ent[e, 3] + ent[e, 4]
+            base = ent[e, 3]
+            lo, hi = 0, ent[e, 4]
             while lo < hi:
                 mid = (lo + hi) >> 1
-                if ids[mid] <= node:
+                if ids[base + 2 * mid] <= node:
                     lo = mid + 1
                 else:
                     hi = mid
-            if lo > ent[e, 3] and node < ids[lo - 1] + trie_subtree[ids[lo - 1]]:
-                uncertain = True
+            if lo > 0:
+                top = ids[base + 2 * (lo - 1)]
+                if node < top + trie_subtree[top]:
+                    uncertain = True
     return _ASK_PARSER if uncertain else _REJECTED
 
 

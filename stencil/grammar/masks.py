@@ -84,7 +84,8 @@ __all__ = [
     "mask_store",
     "classify_state",
     "state_flags",
-    "follow_sets",
+    "grammar_sets",
+    "min_lengths",
 ]
 
 # Per-state flags.
@@ -100,7 +101,7 @@ ACC_COMPLEMENT = 3  # sorted ids of the text tokens that are NOT accepted
 AE_FULL = -10  # _classify_kernel: the after-end byte buffer is full
 
 # Bump when the classification or the entry format changes: it is part of every cache key.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,13 +138,15 @@ def _union_changed(dst, i, src, j):
 
 
 @numba.njit(cache=True, nogil=True)
-def follow_sets(G):
-    """FOLLOW over bytes: ``uint64[n_rules, 4]``, the bytes that can come right after rule r ends.
+def grammar_sets(G):
+    """Byte sets of the grammar: (FIRST per state, can-end-empty per state, FOLLOW per rule).
 
-    FIRST(state) = bytes of its byte edges, FIRST of the rules it calls, and past nullable calls the
-    FIRST of the target. For every call ``p --<R>--> q`` in rule A: FIRST(q) ⊆ FOLLOW(R), and if A
-    can end from q through nullable calls only, FOLLOW(A) ⊆ FOLLOW(R). Special-token symbols are
-    left out: text can never spell them, so no text token continues through one.
+    FIRST(state) (``uint64[n_states, 4]``) = bytes of its byte edges, FIRST of the rules it calls,
+    and past nullable calls the FIRST of the target. ``end_null[state]``: the rule can end from
+    the state without reading a byte. FOLLOW(rule) (``uint64[n_rules, 4]``), the bytes that can
+    come right after the rule ends: for every call ``p --<R>--> q`` in rule A, FIRST(q) ⊆ FOLLOW(R),
+    and if ``end_null[q]``, FOLLOW(A) ⊆ FOLLOW(R). Special-token symbols are left out: text can
+    never spell them, so no text token continues through one.
     """
     rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
     ns = state_rule.shape[0]
@@ -198,7 +201,110 @@ def follow_sets(G):
                     changed = True
                 if end_null[q] and _union_changed(follow, r, follow, a):
                     changed = True
-    return follow
+    return first, end_null, follow
+
+
+@numba.njit(cache=True, nogil=True)
+def min_lengths(G):
+    """int64 per rule: the fewest bytes it can derive (a large number for a rule that derives nothing)."""
+    rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
+    ns = state_rule.shape[0]
+    inf = np.int64(1) << 40
+    dist = np.full(ns, inf, np.int64)  # fewest bytes from a state to the end of its rule
+    for s in range(ns):
+        if state_final[s] != 0:
+            dist[s] = 0
+    changed = True
+    while changed:
+        changed = False
+        for s in range(ns - 1, -1, -1):
+            for e in range(edge_ptr[s], edge_ptr[s + 1]):
+                r = edge_rule[e]
+                w = np.int64(1) if r < 0 else dist[rule_start[r]]
+                d = w + dist[edge_target[e]]
+                if d < dist[s]:
+                    dist[s] = d
+                    changed = True
+    out = np.empty(rule_start.shape[0], np.int64)
+    for r in range(rule_start.shape[0]):
+        out[r] = dist[rule_start[r]]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _horizon_struct(G, rule_minlen, s, s_end, horizon):
+    """Canonical serialization of what state s can reach within ``horizon`` bytes, inside its rule.
+
+    A token walk from s reads at most ``horizon`` bytes, so states further away (in fewest bytes)
+    cannot change its classification. States are numbered in BFS order from s; a byte edge that
+    would be the (horizon+1)-th byte is dropped, a rule edge whose return lies beyond the horizon
+    keeps its callee but loses its target (-1). Special-token edges are dropped (text never reads
+    them). Callees are numbered by first appearance; returns (serialization, callee rule ids).
+    """
+    rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
+    base = rule_start[state_rule[s]]
+    n = s_end - base
+    inf = np.int64(1) << 40
+    dist = np.full(n, inf, np.int64)
+    dist[s - base] = 0
+    stack = [np.int64(s)]
+    while len(stack) > 0:
+        p = stack.pop()
+        for e in range(edge_ptr[p], edge_ptr[p + 1]):
+            r = edge_rule[e]
+            if r < 0 and edge_lo[e] > 255:
+                continue
+            d = dist[p - base] + (1 if r < 0 else rule_minlen[r])
+            t = edge_target[e]
+            if d <= horizon and d < dist[t - base]:
+                dist[t - base] = d
+                stack.append(np.int64(t))
+    idx = np.full(n, -1, np.int64)
+    idx[s - base] = 0
+    queue = [np.int64(s)]
+    callees = [np.int64(-1)]  # typed by its first element; dropped at the end
+    out = [np.int64(horizon)]
+    head = 0
+    while head < len(queue):
+        p = queue[head]
+        head += 1
+        out.append(np.int64(state_final[p]))
+        for e in range(edge_ptr[p], edge_ptr[p + 1]):
+            r = edge_rule[e]
+            t = edge_target[e]
+            if r < 0:
+                if edge_lo[e] > 255 or dist[p - base] + 1 > horizon:
+                    continue
+                ti = idx[t - base]
+                if ti < 0:
+                    ti = np.int64(len(queue))
+                    idx[t - base] = ti
+                    queue.append(np.int64(t))
+                out.append(np.int64(0))
+                out.append(np.int64(edge_lo[e]))
+                out.append(np.int64(edge_hi[e]))
+                out.append(ti)
+            else:
+                ci = np.int64(-1)
+                for k in range(1, len(callees)):
+                    if callees[k] == r:
+                        ci = np.int64(k - 1)
+                        break
+                if ci < 0:
+                    ci = np.int64(len(callees) - 1)
+                    callees.append(np.int64(r))
+                ti = np.int64(-1)
+                if dist[p - base] + rule_minlen[r] <= horizon:
+                    ti = idx[t - base]
+                    if ti < 0:
+                        ti = np.int64(len(queue))
+                        idx[t - base] = ti
+                        queue.append(np.int64(t))
+                out.append(np.int64(1))
+                out.append(ci)
+                out.append(ti)
+        out.append(np.int64(-2))  # end of this state's edges
+    return np.array(out, np.int64), np.array(callees[1:], np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,113 +332,373 @@ def _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, row, targets, n_targets
     return end
 
 
+STACK_MAX = 16  # frames a stack-mode configuration may hold (more: replay with Earley)
+_BULK_MIN = 48  # smaller subtrees are walked node by node: testing a configuration for loops costs more
+_PAIRS = 24  # mid-character configurations tracked when testing multi-byte characters for loops
+_EPS_MAX = 64  # ε-moves (calls, returns, nullable skips) resolved for one byte before giving up
+_DEAD, _SCANNED, _COMPLEX = 0, 1, 2
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _has(bits, s, b):
+    return ((bits[s, b >> 6] >> np.uint64(b & 63)) & np.uint64(1)) != 0
+
+
 @numba.njit(**_KERNEL)
-def _decide(state_final, flags, st, org, begin, end):
-    """For a materialized row: (the lone scanning item's state and origin, or -1, -1; can the seed rule end here)."""
-    n_scan = 0
+def _viable_after_return(first, end_null, stk, d, sl, anchor, b):
+    """Could byte b be read once the innermost rule of the configuration at depth d returns?"""
+    k = sl
+    while k > 0:
+        v = stk[d, k - 1]
+        if _has(first, v, b):
+            return True
+        if not end_null[v]:
+            return False
+        k -= 1
+    # Past the bottom frame: the seed rule ending is never a continuation of the seed's instance;
+    # another anchor's callers live in the chart, unknown here (so: possibly).
+    return anchor != 0
+
+
+@numba.njit(**_KERNEL)
+def _stack_step(G, first, end_null, x, stk, sen, d, sl, anchor, b):
+    """Read byte b from the stack configuration (top state x, return states ``stk[d, :sl]``).
+
+    Resolves calls, returns and nullable skips one at a time, following the single move that can
+    lead to reading b (one byte of lookahead through FIRST sets). Returns (_SCANNED, new top, stack
+    length), (_DEAD, ...) when nothing can read b, or (_COMPLEX, ...) when several moves could (or
+    the anchor's rule returns): then the caller replays the bytes with the Earley chart.
+    """
+    rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
+    for _ in range(_EPS_MAX):
+        n = 0
+        kind = 0
+        arg = 0
+        for e in range(edge_ptr[x], edge_ptr[x + 1]):
+            r = edge_rule[e]
+            if r < 0:
+                if edge_lo[e] <= b <= edge_hi[e]:
+                    n += 1
+                    kind = 1
+                    arg = edge_target[e]
+            else:
+                if _has(first, rule_start[r], b):
+                    n += 1
+                    kind = 2
+                    arg = e
+                if rule_nullable[r] != 0:
+                    q = edge_target[e]
+                    if _has(first, q, b) or (end_null[q] and _viable_after_return(first, end_null, stk, d, sl, anchor, b)):
+                        n += 1
+                        kind = 3
+                        arg = q
+        if state_final[x] != 0 and _viable_after_return(first, end_null, stk, d, sl, anchor, b):
+            n += 1
+            kind = 4
+        if n == 0:
+            return _DEAD, x, sl
+        if n > 1:
+            return _COMPLEX, x, sl
+        if kind == 1:
+            return _SCANNED, arg, sl
+        if kind == 2:
+            if sl == STACK_MAX:
+                return _COMPLEX, x, sl
+            q = edge_target[arg]
+            stk[d, sl] = q
+            sen[d, sl] = end_null[q] and (sl == 0 or sen[d, sl - 1])
+            sl += 1
+            x = rule_start[edge_rule[arg]]
+        elif kind == 3:
+            x = arg
+        else:
+            if sl == 0:
+                return _COMPLEX, x, sl  # the anchor's rule returns into the chart
+            sl -= 1
+            x = stk[d, sl]
+    return _COMPLEX, x, sl
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _same_frames(stk, r1, r2, sl):
+    for k in range(sl):
+        if stk[r1, k] != stk[r2, k]:
+            return False
+    return True
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _copy_frames(stk, sen, src, dst, sl):
+    for k in range(sl):
+        stk[dst, k] = stk[src, k]
+        sen[dst, k] = sen[src, k]
+
+
+@numba.njit(**_KERNEL)
+def _loops(G, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
+    """Does byte b take the stack configuration at depth d straight back to itself?"""
+    _copy_frames(stk, sen, d, tmp, sl)
+    status, y, sl2 = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
+    return status == _SCANNED and y == x and sl2 == sl and _same_frames(stk, tmp, d, sl)
+
+
+@numba.njit(**_KERNEL)
+def _absorption(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl, ascii_out):
+    """Which characters take the configuration at depth d back to itself.
+
+    Returns (some ASCII byte loops, every multi-byte UTF-8 character loops) and writes the looping
+    ASCII bytes to ``ascii_out`` (two uint64 words). Multi-byte characters are checked exactly on
+    the product of the UTF-8 prefix automaton and the configurations reached mid-character (rows
+    ``scratch + 1 ...`` of ``stk`` hold them). Reading such characters from this configuration
+    keeps every token alive, so a trie subtree made of them is accepted without a walk.
+    """
+    tmp = scratch
+    if not (_loops(G, first, end_null, stk, sen, d, x, sl, anchor, 0x65, tmp)
+            or _loops(G, first, end_null, stk, sen, d, x, sl, anchor, 0x20, tmp)
+            or _loops(G, first, end_null, stk, sen, d, x, sl, anchor, 0x30, tmp)):
+        return False, False  # cheap test first: a counter or a structure never loops on these
+    a0 = np.uint64(0)
+    a1 = np.uint64(0)
+    for b in range(128):
+        if _loops(G, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
+            if b < 64:
+                a0 |= np.uint64(1) << np.uint64(b)
+            else:
+                a1 |= np.uint64(1) << np.uint64(b - 64)
+    ascii_out[0] = a0
+    ascii_out[1] = a1
+    n = 1
+    pair_u[0] = 0
+    pair_top[0] = x
+    pair_sl[0] = sl
+    _copy_frames(stk, sen, d, scratch + 1, sl)
+    p = 0
+    while p < n:
+        u = pair_u[p]
+        for b in range(128, 256):
+            nu = utf8[u, b]
+            if nu < 0:
+                continue
+            _copy_frames(stk, sen, scratch + 1 + p, tmp, pair_sl[p])
+            status, y, sl2 = _stack_step(G, first, end_null, pair_top[p], stk, sen, tmp, pair_sl[p], anchor, b)
+            if status != _SCANNED:
+                return True, False
+            if nu == 0:
+                if not (y == x and sl2 == sl and _same_frames(stk, tmp, d, sl)):
+                    return True, False
+                continue
+            found = False
+            for q in range(n):
+                if pair_u[q] == nu and pair_top[q] == y and pair_sl[q] == sl2 and _same_frames(stk, tmp, scratch + 1 + q, sl2):
+                    found = True
+                    break
+            if not found:
+                if n == pair_u.shape[0]:
+                    return True, False
+                pair_u[n] = nu
+                pair_top[n] = y
+                pair_sl[n] = sl2
+                _copy_frames(stk, sen, tmp, scratch + 1 + n, sl2)
+                n += 1
+        p += 1
+    return True, True
+
+
+@numba.njit(**_KERNEL)
+def _absorption_memo(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl,
+                     memo_key, memo_val, ascii_out):
+    """:func:`_absorption` through a small table keyed by the configuration (those with <= 4 frames).
+
+    Returns 0 (no looping ASCII), 1 (ASCII only) or 2 (ASCII and every multi-byte character).
+    """
+    cacheable = sl <= memo_key.shape[1] - 3
+    slot = -1
+    if cacheable:
+        h = (np.int64(x) * 1000003 + np.int64(anchor) * 7919 + sl) & 0x7FFFFFFF
+        for k in range(sl):
+            h = (h * 31 + stk[d, k]) & 0x7FFFFFFF
+        mask = memo_key.shape[0] - 1
+        slot = h & mask
+        for _ in range(memo_key.shape[0]):
+            if memo_key[slot, 0] < 0:
+                break
+            same = memo_key[slot, 0] == x and memo_key[slot, 1] == anchor and memo_key[slot, 2] == sl
+            if same:
+                for k in range(sl):
+                    if memo_key[slot, 3 + k] != stk[d, k]:
+                        same = False
+                        break
+            if same:
+                ascii_out[0] = memo_val[slot, 0]
+                ascii_out[1] = memo_val[slot, 1]
+                return np.int64(memo_val[slot, 2])
+            slot = (slot + 1) & mask
+    some, multi = _absorption(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
+                              pair_sl, ascii_out)
+    kind = np.int64(0 if not some else (2 if multi else 1))
+    if cacheable and memo_key[slot, 0] < 0:
+        memo_key[slot, 0] = x
+        memo_key[slot, 1] = anchor
+        memo_key[slot, 2] = sl
+        for k in range(sl):
+            memo_key[slot, 3 + k] = stk[d, k]
+        memo_val[slot, 0] = ascii_out[0]
+        memo_val[slot, 1] = ascii_out[1]
+        memo_val[slot, 2] = np.uint64(kind)
+    return kind
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _bulk_ok(sub_bytes, utf8_ok, i, a0, a1, kind):
+    """Can the subtree at node i be accepted whole under a configuration absorbing (a0, a1, kind)?"""
+    if (sub_bytes[i, 0] & ~a0) != 0 or (sub_bytes[i, 1] & ~a1) != 0:
+        return False
+    if (sub_bytes[i, 2] | sub_bytes[i, 3]) == 0:
+        return True
+    return kind == 2 and utf8_ok[i]
+
+
+@numba.njit(**_KERNEL)
+def _enter(state_final, flags, st, org, row, begin, end):
+    """For a materialized row: (its only kernel item with edges as (state, origin), or -1, -1; can the seed rule end here).
+
+    Every other item of the row was predicted here from that item, so a stack configuration with
+    it on top, no frames and its origin as anchor describes the row exactly.
+    """
+    n_kern = 0
     cand = -1
     ends = False
     for k in range(begin, end):
         s = st[k]
         if org[k] == 0 and state_final[s] != 0:
             ends = True
-        if flags[s] & HAS_BYTES:
-            n_scan += 1
+        if org[k] < row and flags[s] != 0:
+            n_kern += 1
             cand = k
-    # Only items that can scan make progress: a waiter completes only after its callee scans, and
-    # the callee's items would be in this row. A lone scanner without rule edges is a plain
-    # automaton walk until its rule may end (then a row is materialized to complete its callers).
-    if n_scan == 1 and (flags[st[cand]] & HAS_RULES) == 0:
+    if n_kern == 1:
         return st[cand], org[cand], ends
     return -1, -1, ends
 
 
 @numba.njit(**_KERNEL)
-def _classify_kernel(G, flags, s, trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids,
-                     st, org, row_ptr, ht_key, ht_gen, meta, max_items, targets, mode, morg, endk, ae_cnt, ae_stack,
-                     acc, rec_node, rec_ae_ptr, rec_ae, out):
-    """Classify every text token from a sub-chart seeded with (s, 0); see the module docstring.
+def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
+                     trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
+                     anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, pair_u,
+                     pair_top, pair_sl, memo_key, memo_val, acc, rec_node, rec_ae_ptr, rec_ae, out):
+    """Classify the text tokens of trie nodes ``node_lo+1 .. node_hi-1`` (one trie; ``node_lo`` is its root)
+    from a sub-chart seeded with (s, 0); see the module docstring.
 
     Writes accepted ids to ``acc`` (trie order) and, for each dead subtree below a point where the
-    rule could end, its node to ``rec_node`` and its after-end bytes to ``rec_ae`` (CSR by
-    ``rec_ae_ptr``). Per-depth scratch (``max_token_len + 2``): ``mode``/``morg``, the lone
-    scanning item (state, origin) that decides the future, or -1 where the sub-chart row (index
-    depth + 1) is materialized; ``endk``, whether the seed rule can end after that many bytes;
-    ``ae_cnt``/``ae_stack``, the after-end bytes on the path. ``out`` gets (n_acc, n_rec, n_ae,
-    visited). Returns 1, AE_FULL (``rec_ae`` too small), or GROW / LIMIT from the sub-chart; only
-    1 leaves a usable result.
+    rule could end, its node to ``rec_node`` and the positions on its path where the rule can end
+    (bytes read before the end) to ``rec_ae`` (CSR by ``rec_ae_ptr``). Per-depth scratch (``max_token_len + 2`` rows): a *stack configuration*
+    (``top`` state or -1 where the depth's sub-chart row, index depth + 1, is materialized instead;
+    return states ``stk[d, :stk_len[d]]`` with ``sen`` = all of them can end empty; the ``anchor``
+    origin of the bottom item; the ``entry`` depth whose materialized row it grew from), the path
+    byte, whether the seed rule can end after that many bytes, the end positions on the path, and
+    which characters take the depth's configuration back to itself (``absorb``: 0 none, 1 ASCII
+    bytes ``absorb_ascii[d]``, 2 those and every multi-byte character): a child subtree made only
+    of those is accepted whole (:func:`_bulk_ok`). Rows past the depths of ``stk`` are scratch.
+    ``out`` gets (n_acc, n_rec, n_ae, visited). Returns 1, AE_FULL (``rec_ae`` too small), or GROW /
+    LIMIT from the sub-chart; only 1 leaves a usable result.
     """
-    state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target = G[3], G[4], G[5], G[6], G[7], G[8]
-    # Row 0 is an empty dummy, so the seed rule's completion (origin 0) advances nothing.
-    endk[0] = False
-    ae_cnt[0] = 0
+    state_final = G[3]
+    # Row 0 is an empty dummy, so the seed rule's completion (origin 0) advances nothing. Row 1,
+    # the seed's closure, is materialized for replays; the walk itself starts in stack mode.
     meta[0] = 1
     row_ptr[0] = 0
     row_ptr[1] = 0
-    if (flags[s] & HAS_RULES) == 0:
-        mode[0] = s
-        morg[0] = 0
-        row_ptr[2] = 0
-    else:
-        targets[0] = s
-        r = _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, 1, targets, 1, 0, max_items)
-        if r < 0:
-            return r
-        x0, o0, _ = _decide(state_final, flags, st, org, row_ptr[1], row_ptr[2])
-        mode[0] = x0
-        morg[0] = o0
-    # endk[0] stays False: an end before the first byte is the callers' business (module docstring).
+    stk[0, 0] = s
+    r = _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, 1, stk[0], 1, 0, max_items)
+    if r < 0:
+        return r
+    top[0] = s
+    anchor[0] = 0
+    entry[0] = 0
+    stk_len[0] = 0
+    endk[0] = False  # an end before the first byte is the callers' business (module docstring)
+    scratch = top.shape[0]
+    absorb[0] = 0
+    if node_hi - node_lo > _BULK_MIN:
+        absorb[0] = _absorption_memo(G, first, end_null, utf8, stk, sen, 0, s, 0, 0, scratch, pair_u, pair_top,
+                                     pair_sl, memo_key, memo_val, absorb_ascii[0])
+    ae_cnt[0] = 0
     n_acc = 0
     n_rec = 0
     n_ae = 0
     visited = 0
     rec_ae_ptr[0] = 0
-    n = trie_byte.shape[0]
-    i = 1
-    while i < n:
+    i = node_lo + 1
+    while i < node_hi:
         d = trie_depth[i]
         b = trie_byte[i]
+        pathb[d] = b
         visited += 1
+        k0 = absorb[d - 1]
+        if k0 != 0 and _bulk_ok(sub_bytes, utf8_ok, i, absorb_ascii[d - 1, 0], absorb_ascii[d - 1, 1], k0):
+            for k in range(trie_tok_ptr[i], trie_tok_ptr[i + trie_subtree[i]]):
+                acc[n_acc] = trie_tok_ids[k]
+                n_acc += 1
+            i += trie_subtree[i]
+            continue
         cnt = ae_cnt[d - 1]
         if endk[d - 1]:
-            ae_stack[cnt] = b
+            ae_stack[cnt] = d - 1  # the rule can end after d - 1 bytes; this node's byte follows
             cnt += 1
-        x = mode[d - 1]
         alive = False
+        x = top[d - 1]
+        replay = False
         if x >= 0:
-            o = morg[d - 1]
-            nt = 0
-            for e in range(edge_ptr[x], edge_ptr[x + 1]):
-                if edge_rule[e] >= 0 or edge_lo[e] > b:
-                    break  # byte edges come first, sorted by lo
-                if b <= edge_hi[e]:
-                    targets[nt] = edge_target[e]
-                    nt += 1
-            if nt == 1 and (flags[targets[0]] & HAS_RULES) == 0 and (o == 0 or state_final[targets[0]] == 0):
-                y = targets[0]
-                mode[d] = y
-                morg[d] = o
-                endk[d] = state_final[y] != 0
-                row_ptr[d + 2] = row_ptr[d + 1]  # this depth's row stays empty: nothing refers to it
-                alive = True
-            elif nt > 0:
-                r = _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, d + 1, targets, nt, o, max_items)
-                if r < 0:
-                    return r
-                y, yo, ends = _decide(state_final, flags, st, org, row_ptr[d + 1], row_ptr[d + 2])
-                mode[d] = y
-                morg[d] = yo
-                endk[d] = ends
-                alive = True
+            sl = stk_len[d - 1]
+            for k in range(sl):
+                stk[d, k] = stk[d - 1, k]
+                sen[d, k] = sen[d - 1, k]
+            a = anchor[d - 1]
+            status, y, sl = _stack_step(G, first, end_null, x, stk, sen, d, sl, a, b)
+            if status == _SCANNED:
+                ends = end_null[y] and (sl == 0 or sen[d, sl - 1])
+                if a != 0 and ends:
+                    replay = True  # the anchor's rule may end: its callers are in the chart
+                else:
+                    top[d] = y
+                    stk_len[d] = sl
+                    anchor[d] = a
+                    entry[d] = entry[d - 1]
+                    endk[d] = ends
+                    row_ptr[d + 2] = row_ptr[d + 1]  # this depth's row stays empty: nothing refers to it
+                    alive = True
+            elif status == _COMPLEX:
+                replay = True
+            if replay:
+                # Materialize rows entry+2 .. d+1 from the entry row by reading the path again.
+                e0 = entry[d - 1]
+                ok = True
+                for j in range(e0 + 1, d + 1):
+                    meta[0] = j + 1
+                    r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, pathb[j], max_items)
+                    if r < 0:
+                        return r
+                    if r == 0:
+                        ok = False
+                        break
+                if ok:
+                    y, yo, ends = _enter(state_final, flags, st, org, d + 1, row_ptr[d + 1], row_ptr[d + 2])
+                    top[d] = y
+                    anchor[d] = yo
+                    stk_len[d] = 0
+                    entry[d] = d
+                    endk[d] = ends
+                    alive = True
         else:
             meta[0] = d + 1
             r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, b, max_items)
             if r < 0:
                 return r
             if r > 0:
-                y, yo, ends = _decide(state_final, flags, st, org, row_ptr[d + 1], row_ptr[d + 2])
-                mode[d] = y
-                morg[d] = yo
+                y, yo, ends = _enter(state_final, flags, st, org, d + 1, row_ptr[d + 1], row_ptr[d + 2])
+                top[d] = y
+                anchor[d] = yo
+                stk_len[d] = 0
+                entry[d] = d
                 endk[d] = ends
                 alive = True
         if not alive:
@@ -348,6 +714,10 @@ def _classify_kernel(G, flags, s, trie_byte, trie_depth, trie_subtree, trie_tok_
             i += trie_subtree[i]
             continue
         ae_cnt[d] = cnt
+        absorb[d] = 0
+        if top[d] >= 0 and trie_subtree[i] > _BULK_MIN:
+            absorb[d] = _absorption_memo(G, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], scratch,
+                                         pair_u, pair_top, pair_sl, memo_key, memo_val, absorb_ascii[d])
         for k in range(trie_tok_ptr[i], trie_tok_ptr[i + 1]):
             acc[n_acc] = trie_tok_ids[k]
             n_acc += 1
@@ -360,52 +730,122 @@ def _classify_kernel(G, flags, s, trie_byte, trie_depth, trie_subtree, trie_tok_
 
 
 @numba.njit(cache=True, nogil=True)
-def _pack_accepted(acc, text_bits, n_text):
-    """Choose the cheapest storage for an accepted set: (mode, int32 ids or uint32 words)."""
+def _merge_accepted(parts, ids, band_ids, text_bits, n_text):
+    """Union of band entries' accepted sets, stored in the cheapest form: (mode, int32 ids or uint32 words).
+
+    ``parts[p] = (mode, off, len, band_lo, band_hi)``: the entry's ids are ``ids[off:off+len]``, as
+    the accepted tokens (ACC_LIST) or as the band's tokens that are *not* accepted (ACC_COMPLEMENT,
+    the band's tokens being ``band_ids[band_lo:band_hi]``).
+    """
     W = text_bits.shape[0]
-    n = acc.shape[0]
-    if n == 0:
-        return ACC_NONE, np.zeros(0, np.uint32)
-    if n <= W and n <= n_text - n:
-        return ACC_LIST, np.sort(acc).view(np.uint32)
     words = np.zeros(W, np.uint32)
-    for t in acc:
-        words[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
-    if n_text - n <= W:
-        out = np.empty(n_text - n, np.int32)
+    one = np.uint32(1)
+    for p in range(parts.shape[0]):
+        mode, off, n, lo, hi = parts[p, 0], parts[p, 1], parts[p, 2], parts[p, 3], parts[p, 4]
+        if mode == ACC_LIST:
+            for j in range(off, off + n):
+                t = ids[j]
+                words[t >> 5] |= one << np.uint32(t & 31)
+        elif mode == ACC_COMPLEMENT:
+            for j in range(lo, hi):
+                t = band_ids[j]
+                words[t >> 5] |= one << np.uint32(t & 31)
+            for j in range(off, off + n):
+                t = ids[j]
+                words[t >> 5] &= ~(one << np.uint32(t & 31))
+    count = 0
+    for w in range(W):
+        m = words[w]
+        while m != 0:
+            m &= m - one
+            count += 1
+    if count == 0:
+        return ACC_NONE, np.zeros(0, np.uint32)
+    if count <= W or n_text - count <= W:
+        keep_set = count <= n_text - count
+        out = np.empty(count if keep_set else n_text - count, np.int32)
         k = 0
         for w in range(W):
-            m = text_bits[w] & ~words[w]
-            if m == 0:
-                continue
+            m = words[w] if keep_set else text_bits[w] & ~words[w]
             for bit in range(32):
-                if (m >> np.uint32(bit)) & np.uint32(1):
+                if m == 0:
+                    break
+                if m & one:
                     out[k] = w * 32 + bit
                     k += 1
-        return ACC_COMPLEMENT, out.view(np.uint32)
+                m >>= one
+        return (ACC_LIST if keep_set else ACC_COMPLEMENT), out.view(np.uint32)
     return ACC_BITS, words
 
 
 @numba.njit(cache=True, nogil=True)
-def _resolve_records(rec_node, rec_ae_ptr, rec_ae, follow_row):
-    """The record nodes whose subtrees stay uncertain under FOLLOW ``follow_row`` (uint64[4]).
+def _band_accepted(acc, sorted_band, words):
+    """A band entry's accepted set as sorted ids: itself (ACC_LIST) or the band's other tokens (ACC_COMPLEMENT).
 
-    A record with no after-end bytes is unconditional (the fallback entry uses it).
+    ``words`` is zeroed scratch of ceil(V/32) words (left zeroed). Small sets are sorted; large
+    ones are marked in ``words`` and read back in id order, one pass over the band.
     """
-    out = np.empty(rec_node.shape[0], np.int32)
+    n = acc.shape[0]
+    band = sorted_band.shape[0]
+    if n == 0:
+        return ACC_NONE, np.zeros(0, np.int32)
+    keep = n <= band - n
+    if keep and n <= 4096:
+        return ACC_LIST, np.sort(acc)
+    one = np.uint32(1)
+    for t in acc:
+        words[t >> 5] |= one << np.uint32(t & 31)
+    out = np.empty(n if keep else band - n, np.int32)
     k = 0
-    for j in range(rec_node.shape[0]):
-        a, b = rec_ae_ptr[j], rec_ae_ptr[j + 1]
-        keep = a == b
-        for p in range(a, b):
-            c = rec_ae[p]
-            if (follow_row[c >> 6] >> np.uint64(c & 63)) & np.uint64(1):
-                keep = True
-                break
-        if keep:
-            out[k] = rec_node[j]
+    want = one if keep else np.uint32(0)
+    for t in sorted_band:
+        if ((words[t >> 5] >> np.uint32(t & 31)) & one) == want:
+            out[k] = t
             k += 1
-    return out[:k].copy()
+    for t in acc:
+        words[t >> 5] = 0
+    return (ACC_LIST if keep else ACC_COMPLEMENT), out
+
+
+@numba.njit(cache=True, nogil=True)
+def _resolve_records(rec_node, rec_ae_ptr, rec_ae, follow_row, trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets):
+    """Keep the records whose subtrees stay uncertain under FOLLOW ``follow_row`` (uint64[4]).
+
+    Returns ``(pairs, pos_ptr, pos)``: for each kept record, ``(node, after)`` in ``pairs``, where
+    ``after`` packs up to three after-end bytes that can follow the rule (bytes 0-2, count in the top
+    byte; 0 keeps the subtree unconditionally: more such bytes, or the fallback entry's record,
+    which has no end positions), and its end positions whose next byte can follow the rule in
+    ``pos[pos_ptr[j]:pos_ptr[j+1]]`` (none for the fallback record).
+    """
+    n = rec_node.shape[0]
+    pairs = np.empty(2 * n, np.int32)
+    pos_ptr = np.zeros(n + 1, np.int64)
+    pos = np.empty(rec_ae.shape[0], np.int32)
+    k = 0
+    m = 0
+    for j in range(n):
+        a, b = rec_ae_ptr[j], rec_ae_ptr[j + 1]
+        node = rec_node[j]
+        path = token_offsets[trie_tok_ids[trie_tok_ptr[node]]]  # any token of the subtree spells the path
+        cnt = 0
+        packed = 0
+        m0 = m
+        for p in range(a, b):
+            c = token_bytes[path + rec_ae[p]]
+            if (follow_row[c >> 6] >> np.uint64(c & 63)) & np.uint64(1):
+                if cnt < 3:
+                    packed |= np.int32(c) << (8 * cnt)
+                cnt += 1
+                pos[m] = rec_ae[p]
+                m += 1
+        if a == b or cnt > 0:
+            pairs[2 * k] = node
+            pairs[2 * k + 1] = (cnt << 24) | packed if 0 < cnt <= 3 else 0
+            k += 1
+            pos_ptr[k] = m
+        else:
+            m = m0
+    return pairs[: 2 * k].copy(), pos_ptr[: k + 1].copy(), pos[:m].copy()
 
 
 @numba.njit(cache=True, nogil=True)
@@ -417,13 +857,117 @@ def _text_bits(token_kind, W):
     return out
 
 
+def _utf8_table() -> np.ndarray:
+    """UTF-8 prefix automaton: ``table[u, b]`` is the state after byte b in state u, or -1 (invalid).
+
+    State 0 is a character boundary; 1-3 need that many continuation bytes; 4-7 are the restricted
+    first continuations after E0, ED, F0, F4 (no overlongs, no surrogates, nothing past U+10FFFF).
+    """
+    t = np.full((8, 256), -1, np.int8)
+    t[0, 0x00:0x80] = 0
+    t[0, 0xC2:0xE0] = 1
+    t[0, 0xE0] = 4
+    t[0, 0xE1:0xED] = 2
+    t[0, 0xED] = 5
+    t[0, 0xEE:0xF0] = 2
+    t[0, 0xF0] = 6
+    t[0, 0xF1:0xF4] = 3
+    t[0, 0xF4] = 7
+    t[1, 0x80:0xC0] = 0
+    t[2, 0x80:0xC0] = 1
+    t[3, 0x80:0xC0] = 2
+    t[4, 0xA0:0xC0] = 1
+    t[5, 0x80:0xA0] = 1
+    t[6, 0x90:0xC0] = 2
+    t[7, 0x80:0x90] = 2
+    return t
+
+
+UTF8 = _utf8_table()
+
+
+@numba.njit(cache=True, nogil=True)
+def _subtree_sets(trie_byte, trie_subtree, utf8):
+    """Per node: the bytes on it and below (``uint64[n, 4]``), and whether every path from it,
+    read from a character boundary, is valid UTF-8 (ending mid-character allowed)."""
+    n = trie_byte.shape[0]
+    sub = np.zeros((n, 4), np.uint64)
+    valid = np.zeros(n, np.uint16)  # bit u: every path from this node is valid when read in UTF-8 state u
+    one = np.uint64(1)
+    for i in range(n - 1, -1, -1):
+        b = trie_byte[i]
+        sub[i, b >> 6] |= one << np.uint64(b & 63)
+        kids = np.uint16(0xFF)
+        j = i + 1
+        end = i + trie_subtree[i]
+        while j < end:
+            for w in range(4):
+                sub[i, w] |= sub[j, w]
+            kids &= valid[j]
+            j += trie_subtree[j]
+        v = np.uint16(0)
+        for u in range(8):
+            nu = utf8[u, b]
+            if nu >= 0 and (kids >> np.uint16(nu)) & np.uint16(1):
+                v |= np.uint16(1) << np.uint16(u)
+        valid[i] = v
+    ok = np.empty(n, np.bool_)
+    for i in range(n):
+        ok[i] = (valid[i] & np.uint16(1)) != 0
+    return sub, ok
+
+
+class Forest:
+    """The text tokens split by byte length into bands, one trie per band, all tries in one set of arrays.
+
+    Band k holds the tokens of ``lo_k .. hi_k`` bytes (1-4, 5-16, 17-64, 65-256, up to the longest
+    token). Its trie is the flat preorder layout of :mod:`stencil.grammar.vocab`, rooted at node
+    ``node_lo[k]`` and ending before ``node_hi[k]``; token slices (``trie_tok_ptr``) and
+    ``token_node`` use the concatenated numbering. A band's classification depends only on what a
+    state reaches within ``hi_k`` bytes, which is what lets far-apart positions of a counter share.
+    """
+
+    def __init__(self, info: TokenizerInfo):
+        from stencil.grammar.vocab import _build_trie
+
+        lengths = np.diff(info.token_offsets)
+        in_order = info.trie_tok_ids  # text tokens sorted by bytes
+        self.bands: list[tuple[int, int]] = []
+        parts = []
+        lo, hi = 1, 4
+        while lo <= info.max_token_len:
+            sel = in_order[(lengths[in_order] >= lo) & (lengths[in_order] <= hi)]
+            if sel.shape[0]:
+                self.bands.append((lo, min(hi, info.max_token_len)))
+                parts.append(_build_trie(info.token_bytes, info.token_offsets, sel.astype(np.int32), info.vocab_size))
+            lo, hi = hi + 1, 4 * hi
+        node_base = np.cumsum([0] + [p[0].shape[0] for p in parts])
+        tok_base = np.cumsum([0] + [p[4].shape[0] for p in parts])
+        self.node_lo = node_base[:-1].astype(np.int64)
+        self.node_hi = node_base[1:].astype(np.int64)
+        self.trie_byte = np.concatenate([p[0] for p in parts])
+        self.trie_depth = np.concatenate([p[1] for p in parts])
+        self.trie_subtree = np.concatenate([p[2] for p in parts])
+        self.trie_tok_ptr = np.concatenate([p[3][:-1] + tok_base[k] for k, p in enumerate(parts)] + [tok_base[-1:]]).astype(np.int32)
+        self.trie_tok_ids = np.concatenate([p[4] for p in parts]).astype(np.int32)
+        self.token_node = np.full(info.vocab_size, -1, np.int32)
+        for k, p in enumerate(parts):
+            mine = p[5] >= 0
+            self.token_node[mine] = p[5][mine] + node_base[k]
+        self.band_tok_lo = tok_base[:-1].astype(np.int64)
+        self.band_tok_hi = tok_base[1:].astype(np.int64)
+        self.sorted_band_ids = [np.sort(self.trie_tok_ids[a:b]) for a, b in zip(self.band_tok_lo, self.band_tok_hi)]
+        self.sub_bytes, self.utf8_ok = _subtree_sets(self.trie_byte, self.trie_subtree, UTF8)
+
+
 @dataclass
 class StateMasks:
-    """A state's grammar-independent classification (shareable across grammars with the same sub-grammar).
+    """One band of a state's classification, grammar-independent (shared by every grammar with the same horizon).
 
-    ``acc`` holds int32 ids (``ACC_LIST``, ``ACC_COMPLEMENT``) or uint32 words (``ACC_BITS``), as uint32.
-    ``rec_node``/``rec_ae_ptr``/``rec_ae``: dead trie subtrees reached after the rule could end, with
-    the bytes right after each such end (resolved per grammar by :func:`_resolve_records`).
+    ``acc``: sorted int32 ids, the accepted tokens (``ACC_LIST``) or the band's tokens that are not
+    accepted (``ACC_COMPLEMENT``). ``rec_node``/``rec_ae_ptr``/``rec_ae``: dead subtrees (forest
+    nodes) reached after the rule could end, with the positions on their path where it can end
+    (uint16, bytes read before the end; resolved per grammar by :func:`_resolve_records`).
     """
 
     acc_mode: int
@@ -440,58 +984,94 @@ class StateMasks:
         return self.acc.nbytes + self.rec_node.nbytes + self.rec_ae_ptr.nbytes + self.rec_ae.nbytes
 
 
-def classify_state(G, flags: np.ndarray, s: int, info: TokenizerInfo, text_bits: np.ndarray,
-                   *, max_items_per_row: int = 50_000) -> StateMasks:
-    """Classify every text token for state ``s`` (one trie walk; see the module docstring).
+_SCRATCH = threading.local()
 
-    A state whose sub-chart exceeds ``max_items_per_row`` gets a conservative entry: nothing
-    accepted, everything uncertain, so the full parser decides (and raises its own limit error).
+
+class _Scratch:
+    """Buffers of :func:`_classify_kernel` for one vocabulary, reused by a thread's classifications.
+
+    The kernel writes every per-depth entry before reading it; only the absorption memo is reset
+    per state. The hash-table generation (``meta[1]``) keeps increasing across calls, so its
+    stamps never need clearing.
+    """
+
+    def __init__(self, forest: Forest, max_token_len: int):
+        depth = max_token_len + 2
+        n_nodes = int((forest.node_hi - forest.node_lo).max())
+        self.top, self.anchor, self.entry, self.stk_len = (np.zeros(depth, np.int32) for _ in range(4))
+        self.stk = np.zeros((depth + 1 + _PAIRS, STACK_MAX + 1), np.int32)  # rows past the depths: scratch
+        self.sen = np.zeros((depth + 1 + _PAIRS, STACK_MAX + 1), np.bool_)
+        self.pathb = np.zeros(depth, np.uint8)
+        self.endk = np.zeros(depth, np.bool_)
+        self.ae_cnt = np.zeros(depth, np.int32)
+        self.ae_stack = np.zeros(depth, np.uint16)
+        self.absorb = np.zeros(depth, np.int64)
+        self.absorb_ascii = np.zeros((depth, 2), np.uint64)
+        self.pair_u, self.pair_top, self.pair_sl = (np.zeros(_PAIRS, np.int64) for _ in range(3))
+        self.memo_key = np.full((1024, 7), -1, np.int64)
+        self.memo_val = np.zeros((1024, 3), np.uint64)
+        self.acc = np.empty(int((forest.band_tok_hi - forest.band_tok_lo).max()), np.int32)
+        self.rec_node = np.empty(n_nodes, np.int32)
+        self.rec_ae_ptr = np.zeros(n_nodes + 1, np.int32)
+        self.rec_ae = np.empty(4096, np.uint16)
+        self.counts = np.zeros(4, np.int64)
+        self.words = np.zeros(forest.token_node.shape[0] // 32 + 1, np.uint32)
+        self.st = np.empty(4096, np.int32)
+        self.org = np.empty(4096, np.int32)
+        self.row_ptr = np.zeros(depth + 2, np.int32)
+        self.ht_key = np.zeros(256, np.int64)
+        self.ht_gen = np.zeros(256, np.int64)
+        self.meta = np.zeros(3, np.int64)
+
+
+def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
+    cache = getattr(_SCRATCH, "by_forest", None)
+    if cache is None:
+        cache = _SCRATCH.by_forest = weakref.WeakKeyDictionary()
+    x = cache.get(forest)
+    if x is None:
+        x = cache[forest] = _Scratch(forest, max_token_len)
+    return x
+
+
+def classify_state(G, flags: np.ndarray, s: int, forest: Forest, band: int, max_token_len: int,
+                   sets: tuple[np.ndarray, np.ndarray] | None = None, *, max_items_per_row: int = 50_000) -> StateMasks:
+    """Classify the tokens of one band of the forest for state ``s`` (one trie walk; see the module docstring).
+
+    ``sets`` = (FIRST, end_null) from :func:`grammar_sets` (computed when not given). A state
+    whose sub-chart exceeds ``max_items_per_row`` gets a conservative entry: nothing accepted,
+    the whole band uncertain, so the full parser decides (and raises its own limit error).
     """
     t0 = time.perf_counter()
-    max_deg = int(np.diff(G[4]).max(initial=1))
-    targets = np.empty(max(max_deg, 1), np.int32)
-    n_nodes = info.trie_byte.shape[0]
-    depth = info.max_token_len + 2
-    mode = np.empty(depth, np.int32)
-    morg = np.empty(depth, np.int32)
-    endk = np.zeros(depth, np.bool_)
-    ae_cnt = np.zeros(depth, np.int32)
-    ae_stack = np.empty(depth, np.uint8)
-    acc = np.empty(max(info.vocab_size, 1), np.int32)
-    rec_node = np.empty(n_nodes, np.int32)
-    rec_ae_ptr = np.empty(n_nodes + 1, np.int32)
-    rec_ae = np.empty(4096, np.uint8)
-    counts = np.zeros(4, np.int64)
-    cap = 4096
-    ht = 256
+    first, end_null = sets if sets is not None else grammar_sets(G)[:2]
+    node_lo, node_hi = int(forest.node_lo[band]), int(forest.node_hi[band])
+    sc = _scratch(forest, max_token_len)
+    sc.memo_key.fill(-1)
     while True:
-        st = np.empty(cap, np.int32)
-        org = np.empty(cap, np.int32)
-        row_ptr = np.zeros(depth + 2, np.int32)
-        ht_key = np.zeros(ht, np.int64)
-        ht_gen = np.zeros(ht, np.int64)
-        meta = np.zeros(3, np.int64)
         status = _classify_kernel(
-            G, flags, np.int32(s), info.trie_byte, info.trie_depth, info.trie_subtree, info.trie_tok_ptr,
-            info.trie_tok_ids, st, org, row_ptr, ht_key, ht_gen, meta, max_items_per_row, targets, mode, morg, endk,
-            ae_cnt, ae_stack, acc, rec_node, rec_ae_ptr, rec_ae, counts)
+            G, flags, first, end_null, np.int32(s), node_lo, node_hi, forest.trie_byte, forest.trie_depth,
+            forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids, forest.sub_bytes, forest.utf8_ok, UTF8,
+            sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta, max_items_per_row, sc.top, sc.anchor, sc.entry, sc.stk_len,
+            sc.stk, sc.sen, sc.pathb, sc.endk, sc.ae_cnt, sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.pair_u, sc.pair_top,
+            sc.pair_sl, sc.memo_key, sc.memo_val, sc.acc, sc.rec_node, sc.rec_ae_ptr, sc.rec_ae, sc.counts)
         if status == AE_FULL:
-            rec_ae = np.empty(2 * rec_ae.shape[0], np.uint8)
+            sc.rec_ae = np.empty(2 * sc.rec_ae.shape[0], np.uint16)
         elif status == GROW:
             # A row needs room in the item arrays and at most half the hash table.
-            if ht // 2 < max_items_per_row:
-                ht *= 2
-            cap *= 2
+            if sc.ht_key.shape[0] // 2 < max_items_per_row:
+                sc.ht_key = np.zeros(2 * sc.ht_key.shape[0], np.int64)
+                sc.ht_gen = np.zeros(sc.ht_key.shape[0], np.int64)
+            sc.st = np.empty(2 * sc.st.shape[0], np.int32)
+            sc.org = np.empty(sc.st.shape[0], np.int32)
         else:
             break
-    n_acc, n_rec, n_ae, visited = (int(x) for x in counts)
+    n_acc, n_rec, n_ae, visited = (int(c) for c in sc.counts)
     if status == LIMIT:
-        return StateMasks(ACC_NONE, np.zeros(0, np.uint32), 0, np.zeros(1, np.int32), np.zeros(2, np.int32),
-                          np.zeros(0, np.uint8), 0, time.perf_counter() - t0)
-    n_text = int(info.trie_tok_ids.shape[0])
-    mode, data = _pack_accepted(acc[:n_acc], text_bits, n_text)
-    return StateMasks(int(mode), data, int(n_acc), rec_node[:n_rec].copy(), rec_ae_ptr[:n_rec + 1].copy(),
-                      rec_ae[:n_ae].copy(), int(visited), time.perf_counter() - t0)
+        return StateMasks(ACC_NONE, np.zeros(0, np.int32), 0, np.array([node_lo], np.int32), np.zeros(2, np.int32),
+                          np.zeros(0, np.uint16), 0, time.perf_counter() - t0)
+    mode, srt = _band_accepted(sc.acc[:n_acc], forest.sorted_band_ids[band], sc.words)
+    return StateMasks(int(mode), srt, int(n_acc), sc.rec_node[:n_rec].copy(), sc.rec_ae_ptr[:n_rec + 1].copy(),
+                      sc.rec_ae[:n_ae].copy(), int(visited), time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +1104,7 @@ def _load(path: Path) -> StateMasks | None:
     if h[0] != _MAGIC or h[1] != _FORMAT_VERSION:
         return None
     n_acc_words, n_rec, n_ae = int(h[3]), int(h[5]), int(h[6])
-    sizes = (4 * n_acc_words, 4 * n_rec, 4 * (n_rec + 1), n_ae)
+    sizes = (4 * n_acc_words, 4 * n_rec, 4 * (n_rec + 1), 2 * n_ae)
     if raw.shape[0] != 64 + sum(sizes):
         return None
     parts = []
@@ -532,8 +1112,8 @@ def _load(path: Path) -> StateMasks | None:
     for size in sizes:
         parts.append(raw[off:off + size])
         off += size
-    return StateMasks(int(h[2]), parts[0].view(np.uint32).copy(), int(h[4]), parts[1].view(np.int32).copy(),
-                      parts[2].view(np.int32).copy(), parts[3].copy(), int(h[7]), 0.0)
+    return StateMasks(int(h[2]), parts[0].view(np.int32).copy(), int(h[4]), parts[1].view(np.int32).copy(),
+                      parts[2].view(np.int32).copy(), parts[3].view(np.uint16).copy(), int(h[7]), 0.0)
 
 
 class MaskStore:
@@ -546,6 +1126,8 @@ class MaskStore:
         self.fingerprint = info.fingerprint
         self.words = (info.vocab_size + 31) // 32
         self.text_bits = _text_bits(info.token_kind, self.words)
+        self.n_text = int(info.trie_tok_ids.shape[0])
+        self.forest = Forest(info)
         self.max_bytes = int(max_bytes)
         self.nbytes = 0
         self.hits = 0
@@ -625,10 +1207,18 @@ def mask_store(info: TokenizerInfo) -> MaskStore:
 
 
 class _Keys:
-    """Canonical hashes of the sub-grammar reachable from each rule (rules renumbered in BFS order)."""
+    """Cross-grammar keys: a state's horizon structure plus the canonical hashes of the rules it calls.
 
-    def __init__(self, grammar) -> None:
+    A rule's key hashes the sub-grammar reachable from it (rules renumbered in BFS order, each
+    rule's automaton hashed once). A state's key for a band hashes what it reaches within the band's
+    longest token (:func:`_horizon_struct`) and the keys of the rules called there: the positions
+    of a counter (``char{0,255}``) at least that far from its bound share the band's entry.
+    """
+
+    def __init__(self, grammar, G) -> None:
         self.g = grammar
+        self.G = G
+        self.minlen = min_lengths(G)
         ns = grammar.n_states
         self.rule_end = np.append(grammar.rule_start[1:], ns).astype(np.int64)
         self._struct: dict[int, tuple[bytes, list[int]]] = {}
@@ -668,9 +1258,13 @@ class _Keys:
             hit = self._closure[r] = h.digest()
         return hit
 
-    def state_key(self, s: int) -> bytes:
+    def state_key(self, s: int, horizon: int) -> bytes:
         r = int(self.g.state_rule[s])
-        return self.rule_key(r) + int(s - self.g.rule_start[r]).to_bytes(4, "little")
+        ser, callees = _horizon_struct(self.G, self.minlen, np.int64(s), self.rule_end[r], horizon)
+        h = hashlib.blake2b(ser.tobytes(), digest_size=20)
+        for c in callees.tolist():
+            h.update(self.rule_key(c))
+        return h.digest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -678,15 +1272,63 @@ class _Keys:
 # ----------------------------------------------------------------------------------------------
 
 
+SUFFIX_MAX = 4096  # (token, end) pairs of an entry's uncertain set turned into a suffix trie; more: walk subtrees
+
+
+def _suffix_block(pairs: np.ndarray, pos_ptr: np.ndarray, pos: np.ndarray, forest: Forest,
+                  info: TokenizerInfo) -> np.ndarray | None:
+    """The uncertain tokens' suffixes after each possible rule end, as a trie in one int32 block.
+
+    An uncertain token is allowed iff, for one of its end positions k, the bytes after k can be
+    read by the rule's callers right after the rule completes. That completion row is the same for
+    every token, so the mask fill builds it once and walks this trie of distinct suffixes instead
+    of every token's bytes. Layout: ``[n_nodes, n_tokens, byte[n], depth[n], subtree[n],
+    tok_ptr[n+1], token ids]`` (the flat preorder trie layout of :mod:`stencil.grammar.vocab`).
+    None when a record is unconditional or there are more than ``SUFFIX_MAX`` pairs.
+    """
+    from stencil.grammar.vocab import _build_trie
+
+    toks_all, ks_all = [], []
+    total = 0
+    for j in range(pairs.shape[0] // 2):
+        node = int(pairs[2 * j])
+        ends = np.unique(pos[pos_ptr[j]:pos_ptr[j + 1]])
+        if ends.size == 0:
+            return None
+        toks = forest.trie_tok_ids[forest.trie_tok_ptr[node]:forest.trie_tok_ptr[node + forest.trie_subtree[node]]]
+        total += toks.size * ends.size
+        if total > SUFFIX_MAX:
+            return None
+        toks_all.append(np.repeat(toks, ends.size))
+        ks_all.append(np.tile(ends, toks.size))
+    if total == 0:
+        return None
+    toks = np.concatenate(toks_all)
+    starts = info.token_offsets[toks] + np.concatenate(ks_all)
+    ends = info.token_offsets[toks + 1]
+    chunks = [info.token_bytes[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    data = np.concatenate(chunks)
+    offsets = np.zeros(len(chunks) + 1, np.int64)
+    np.cumsum(ends - starts, out=offsets[1:])
+    order = np.array(sorted(range(len(chunks)), key=lambda i: chunks[i].tobytes()), np.int32)
+    tb, td, ts, tp, tids, _ = _build_trie(data, offsets, order, len(chunks))
+    return np.concatenate([np.array([tb.shape[0], tids.shape[0]], np.int32), tb.astype(np.int32), td, ts, tp,
+                           toks[tids].astype(np.int32)])
+
+
 class MaskCache:
     """The token-mask cache of one compiled grammar.
 
+    A state's entry merges its band entries (one per token-length band of the :class:`Forest`,
+    each from the shared store); states whose band keys coincide share the merged entry.
     ``pools`` is an immutable snapshot ``(state_entry, ent, ids, bits)`` that the mask kernel reads:
 
     * ``state_entry[s]``: row of ``ent`` for state s, or -1 while not computed;
-    * ``ent[i] = (acc_mode, acc_off, acc_len, unc_off, unc_len)``: the accepted set is
-      ``ids[acc_off:acc_off+acc_len]`` (ACC_LIST / ACC_COMPLEMENT) or ``bits[acc_off]`` (ACC_BITS);
-      the uncertain trie nodes (preorder) are ``ids[unc_off:unc_off+unc_len]``.
+    * ``ent[i] = (acc_mode, acc_off, acc_len, unc_off, unc_len, suffix_off)``: the accepted set is
+      ``ids[acc_off:acc_off+acc_len]`` (ACC_LIST; ACC_COMPLEMENT: the text tokens *not* accepted) or
+      ``bits[acc_off]`` (ACC_BITS); the uncertain subtrees are ``unc_len`` pairs ``(forest node, after-end
+      bytes)`` at ``ids[unc_off:unc_off+2*unc_len]``, nodes sorted (see :func:`_resolve_records`);
+      ``ids[suffix_off:]`` holds their suffix trie (:func:`_suffix_block`), or ``suffix_off`` is -1.
 
     Writers (under a lock) fill free capacity in place and publish ``state_entry[s]`` last, or
     publish a grown copy; a reader holding an older snapshot sees a consistent, smaller cache.
@@ -699,8 +1341,9 @@ class MaskCache:
         self.grammar = g
         self.G = grammar_arrays(g)
         self.flags = state_flags(g.edge_ptr, g.edge_lo, g.edge_rule)
-        self.follow = follow_sets(self.G)
+        self.first, self.end_null, self.follow = grammar_sets(self.G)
         self.store = mask_store(info)
+        self.forest = self.store.forest
         self.words = self.store.words
         self.text_bits = self.store.text_bits
         # Token roles for the mask: named special tokens are grammar symbols; stop tokens are allowed
@@ -714,14 +1357,16 @@ class MaskCache:
         self.stop_ids = np.flatnonzero(self.is_stop).astype(np.int32)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.max_items_per_row = int(max_items_per_row)
-        self._keys = _Keys(g)
+        self._keys = _Keys(g, self.G)
+        self._combos: dict[tuple[bytes, ...], int] = {}  # band keys -> row of ent
         self._lock = threading.Lock()
         self._n_ent = 0
         self._n_ids = 0
         self._n_bits = 0
-        self.pools = (np.full(g.n_states, -1, np.int32), np.zeros((16, 5), np.int32), np.zeros(1024, np.int32),
+        self.pools = (np.full(g.n_states, -1, np.int32), np.zeros((16, 6), np.int32), np.zeros(1024, np.int32),
                       np.zeros((1, self.words), np.uint32))
-        self.computed_seconds = 0.0
+        # state -> (seconds of band walks run for it, trie nodes they visited): for profiling
+        self.computed: dict[int, tuple[float, int]] = {}
         self._warm_thread_started = False
 
     # -- entries ------------------------------------------------------------------------------
@@ -754,61 +1399,93 @@ class MaskCache:
         order = np.array(order, np.int32)
         return order[self.flags[order] != 0]
 
-    def state_key(self, s: int) -> bytes:
-        """The cross-grammar key of state s: its rule's reachable sub-grammar, canonically hashed."""
-        return self._keys.state_key(int(s))
+    def band_keys(self, s: int) -> tuple[bytes, ...]:
+        """The cross-grammar keys of state s, one per band: what it reaches within the band's longest token."""
+        return tuple(self._keys.state_key(int(s), hi) for _, hi in self.forest.bands)
 
-    def state_masks(self, s: int) -> StateMasks:
-        """The grammar-independent entry of state s (shared store, disk cache, or a fresh walk)."""
+    def state_masks(self, s: int) -> list[StateMasks]:
+        """The grammar-independent band entries of state s (shared store, disk cache, or fresh walks)."""
         s = int(s)
-        return self.store.get(self.state_key(s), lambda: self._classify(s), self.cache_dir)
+        return [self.store.get(key, lambda k=k: self._classify(s, k), self.cache_dir)
+                for k, key in enumerate(self.band_keys(s))]
 
-    def _classify(self, s: int) -> StateMasks:
-        e = classify_state(self.G, self.flags, s, self.info, self.store.text_bits,
-                           max_items_per_row=self.max_items_per_row)
-        self.computed_seconds += e.seconds
-        return e
+    def _classify(self, s: int, band: int) -> StateMasks:
+        return classify_state(self.G, self.flags, s, self.forest, band, self.info.max_token_len,
+                              (self.first, self.end_null), max_items_per_row=self.max_items_per_row)
 
     def ensure(self, states: Iterable[int]) -> None:
         """Compute and register the entries of ``states`` that are missing."""
         for s in states:
             s = int(s)
-            if self.pools[0][s] < 0:
-                self._register(s, self.state_masks(s))
+            if self.pools[0][s] >= 0:
+                continue
+            keys = self.band_keys(s)
+            row = self._combos.get(keys)
+            if row is None:
+                parts = [self.store.get(key, lambda k=k: self._classify(s, k), self.cache_dir)
+                         for k, key in enumerate(keys)]
+                row = self._add_entry(keys, parts, self.follow[self.grammar.state_rule[s]])
+                self.computed[s] = (sum(p.seconds for p in parts), sum(p.visited for p in parts))
+            with self._lock:
+                self.pools[0][s] = row
 
-    def _register(self, s: int, e: StateMasks) -> None:
-        unc = _resolve_records(e.rec_node, e.rec_ae_ptr, e.rec_ae, self.follow[self.grammar.state_rule[s]])
-        n_list = e.acc.shape[0] if e.acc_mode in (ACC_LIST, ACC_COMPLEMENT) else 0
+    def _add_entry(self, keys: tuple[bytes, ...], parts: list[StateMasks], follow_row: np.ndarray) -> int:
+        """Merge band entries into one pooled entry (resolving uncertain records with FOLLOW); its row."""
+        forest = self.forest
+        ids_cat = np.concatenate([p.acc for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
+        offs = np.cumsum([0] + [p.acc.shape[0] for p in parts])
+        table = np.array([(p.acc_mode, offs[k], p.acc.shape[0], forest.band_tok_lo[k], forest.band_tok_hi[k])
+                          for k, p in enumerate(parts)], np.int64).reshape(-1, 5)
+        mode, data = _merge_accepted(table, ids_cat, forest.trie_tok_ids, self.text_bits, self.store.n_text)
+        info = self.info
+        resolved = [_resolve_records(p.rec_node, p.rec_ae_ptr, p.rec_ae, follow_row, forest.trie_tok_ptr,
+                                     forest.trie_tok_ids, info.token_bytes, info.token_offsets) for p in parts]
+        unc = np.concatenate([r[0] for r in resolved] + [np.zeros(0, np.int32)])  # (node, after) pairs, nodes sorted
+        pos_ptr = np.concatenate([[0]] + [r[1][1:] + sum(x[2].shape[0] for x in resolved[:k])
+                                          for k, r in enumerate(resolved)]).astype(np.int64)
+        pos = np.concatenate([r[2] for r in resolved] + [np.zeros(0, np.int32)])
+        block = _suffix_block(unc, pos_ptr, pos, forest, info) if unc.shape[0] else None
+        n_block = block.shape[0] if block is not None else 0
+        n_list = data.shape[0] if mode in (ACC_LIST, ACC_COMPLEMENT) else 0
         with self._lock:
+            row = self._combos.get(keys)
+            if row is not None:
+                return row
             state_entry, ent, ids, bits = self.pools
-            if state_entry[s] >= 0:
-                return
-            need_ids = self._n_ids + n_list + unc.shape[0]
-            need_bits = self._n_bits + (e.acc_mode == ACC_BITS)
+            need_ids = self._n_ids + n_list + unc.shape[0] + n_block
+            need_bits = self._n_bits + (mode == ACC_BITS)
             if self._n_ent >= ent.shape[0] or need_ids > ids.shape[0] or need_bits > bits.shape[0]:
                 state_entry = state_entry.copy()
                 ent = _grown(ent, self._n_ent + 1)
                 ids = _grown(ids, need_ids)
                 bits = _grown(bits, need_bits)
-            if e.acc_mode == ACC_BITS:
-                bits[self._n_bits] = e.acc
+            if mode == ACC_BITS:
+                bits[self._n_bits] = data
                 acc_off, acc_len = self._n_bits, 1
                 self._n_bits += 1
             else:
                 acc_off, acc_len = self._n_ids, n_list
-                ids[acc_off:acc_off + n_list] = e.acc.view(np.int32)
+                ids[acc_off:acc_off + n_list] = data.view(np.int32)
                 self._n_ids += n_list
             ids[self._n_ids:self._n_ids + unc.shape[0]] = unc
-            ent[self._n_ent] = (e.acc_mode, acc_off, acc_len, self._n_ids, unc.shape[0])
+            unc_off = self._n_ids
             self._n_ids += unc.shape[0]
-            state_entry[s] = self._n_ent
+            suffix_off = -1
+            if block is not None:
+                ids[self._n_ids:self._n_ids + n_block] = block
+                suffix_off = self._n_ids
+                self._n_ids += n_block
+            ent[self._n_ent] = (mode, acc_off, acc_len, unc_off, unc.shape[0] // 2, suffix_off)
+            row = self._n_ent
             self._n_ent += 1
+            self._combos[keys] = row
             self.pools = (state_entry, ent, ids, bits)
+            return row
 
     @property
     def n_computed(self) -> int:
         """States with a registered entry."""
-        return self._n_ent
+        return int((self.pools[0] >= 0).sum())
 
     @property
     def nbytes(self) -> int:

@@ -404,10 +404,12 @@ def test_entries_are_shared_across_grammars():
     ca, cb = a.compiled.mask_cache, b.compiled.mask_cache
     s_a = [s for s in ca.lookup_states() if ca.grammar.rule_names[ca.grammar.state_rule[s]] == "str"]
     s_b = [s for s in cb.lookup_states() if cb.grammar.rule_names[cb.grammar.state_rule[s]] == "str"]
-    assert [ca.state_key(s) for s in s_a] == [cb.state_key(s) for s in s_b]
-    assert ca.state_key(int(ca.grammar.rule_start[ca.grammar.root])) != cb.state_key(int(cb.grammar.rule_start[cb.grammar.root]))
+    assert [ca.band_keys(s) for s in s_a] == [cb.band_keys(s) for s in s_b]
+    root_a, root_b = (int(c.grammar.rule_start[c.grammar.root]) for c in (ca, cb))
+    assert ca.band_keys(root_a) != cb.band_keys(root_b)
     ca.ensure(s_a)
-    assert all(ca.state_masks(s) is cb.state_masks(t) for s, t in zip(s_a, s_b))
+    for s, t in zip(s_a, s_b):
+        assert all(x is y for x, y in zip(ca.state_masks(s), cb.state_masks(t)))
     rng = random.Random(3)
     for m in (a, b):
         check_state(m, rng, True)
@@ -419,7 +421,7 @@ def test_disk_cache_round_trip(tmp_path):
     cg = bind(g, info, cache_dir=tmp_path)
     cg.warm_up(background=False)
     files = sorted(tmp_path.rglob("*.bin"))
-    assert len(files) == len(cg.mask_cache.lookup_states())
+    assert len(files) == len({k for s in cg.mask_cache.lookup_states() for k in cg.mask_cache.band_keys(s)})
     files[0].write_bytes(files[0].read_bytes()[:40])  # a truncated file is ignored and rewritten
     store = mask_store(info)
     store.clear()
@@ -428,9 +430,9 @@ def test_disk_cache_round_trip(tmp_path):
     cg2.warm_up(background=False)
     assert store.disk_hits - before == len(files) - 1
     for s in cg.mask_cache.lookup_states():
-        e1, e2 = cg.mask_cache.state_masks(s), cg2.mask_cache.state_masks(s)
-        assert e1.acc_mode == e2.acc_mode and np.array_equal(e1.acc, e2.acc)
-        assert np.array_equal(e1.rec_node, e2.rec_node) and np.array_equal(e1.rec_ae, e2.rec_ae)
+        for e1, e2 in zip(cg.mask_cache.state_masks(s), cg2.mask_cache.state_masks(s)):
+            assert e1.acc_mode == e2.acc_mode and np.array_equal(e1.acc, e2.acc)
+            assert np.array_equal(e1.rec_node, e2.rec_node) and np.array_equal(e1.rec_ae, e2.rec_ae)
     m = GrammarMatcher(cg2)
     rng = random.Random(4)
     for text in ("", "disk:", 'disk:"a', 'disk:"a\\', 'disk:"ab"', 'disk:"ab",'):
@@ -518,8 +520,13 @@ def test_parser_limit_in_classification_falls_back_to_the_parser():
     cg = bind(b.build(), info)
     cache = MaskCache(cg, max_items_per_row=4)
     start = int(cg.grammar.rule_start[cg.grammar.rule_id("e")])
-    entry = classify_state(cache.G, cache.flags, start, info, cache.text_bits, max_items_per_row=4)
-    assert entry.n_accepted == 0 and entry.rec_node.tolist() == [0]  # everything uncertain
+    forest = cache.forest
+    for band in range(len(forest.bands)):
+        entry = classify_state(cache.G, cache.flags, start, forest, band, info.max_token_len, max_items_per_row=4)
+        if entry.n_accepted == 0 and entry.rec_node.tolist() == [forest.node_lo[band]]:
+            break  # this band's walk hit the limit: everything in it is uncertain
+    else:
+        raise AssertionError("no band's classification hit the item limit")
     cg._mask_cache = cache
     m = GrammarMatcher(cg)
     assert m.accept_string("aa")
