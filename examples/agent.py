@@ -96,7 +96,7 @@ def run_agent(question: str, model=None, max_rounds: int = 4, max_new_tokens: in
         if out.finish_reason != "stop" or not out.tool_calls:
             return out.text
         # The assistant turn exactly as generated (free text and calls), then one result per call.
-        messages.append({"role": "assistant", "content": out.text})
+        messages.append({"role": "assistant", "content": out.raw_text})
         for call in out.tool_calls:
             result = call_tool(call)
             log(f"[round {round_}] {call['function']['name']}({call['function']['arguments']}) -> {result}")

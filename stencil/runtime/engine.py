@@ -91,7 +91,8 @@ class Generation:
 
     ``value`` is the parsed JSON for a JSON Schema constraint (the pydantic instance when the schema
     was a pydantic class), or None when the output is not complete. ``tool_calls`` is set when tools
-    were offered. For SMC, ``weight`` is the normalised posterior weight and the top-level result's
+    were offered; ``text`` is then the free text outside the calls and ``raw_text`` the whole output
+    as generated (what a transcript should replay). For SMC, ``weight`` is the normalised posterior weight and the top-level result's
     ``posterior`` lists every distinct output, heaviest first.
     """
 
@@ -101,6 +102,7 @@ class Generation:
     stats: GenerationStats
     value: Any = None
     tool_calls: list | None = None
+    raw_text: str | None = None
     weight: float | None = None
     posterior: list["Generation"] | None = None
 

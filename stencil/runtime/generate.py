@@ -232,7 +232,8 @@ def _finish(gen: Generation, spec: _RowSpec) -> Generation:
         else:
             gen.value = json.loads(gen.text)
     if spec.tools is not None and complete:
-        _, gen.tool_calls = _tools_module().parse_tool_calls(gen.text, spec.tool_format)
+        gen.raw_text = gen.text
+        gen.text, gen.tool_calls = _tools_module().parse_tool_calls(gen.text, spec.tool_format)
     return gen
 
 

@@ -311,8 +311,10 @@ def test_tool_calls_are_parsed_and_follow_their_schema(arch, fmt):
                    tokenizer=tok, tools=TOOLS, tool_format=fmt, tool_choice="required", parallel_tool_calls=False,
                    temperature=0.0, max_new_tokens=60, logit_bias=structural_bias(arch),
                    compile_options={"whitespace": "compact", "max_whitespace": 0})
-    assert out.finish_reason == "stop", out.text
+    assert out.finish_reason == "stop", out.raw_text
     [call] = out.tool_calls
+    # text is the free text outside the call; raw_text is everything generated, call included.
+    assert out.text.strip() == "" and call["function"]["name"] in out.raw_text and out.text in out.raw_text
     params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     name = call["function"]["name"]
     assert name in params and call["type"] == "function"
