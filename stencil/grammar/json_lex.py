@@ -239,7 +239,31 @@ def dfa_from_expr(e: Expr, max_states: int = 20_000) -> CharDFA:
     nfa = _NFA(max_states * 8)
     start = nfa.new()
     end = nfa.build(e, start)
-    init = nfa.closure([start])
+    # A state that accepts every continuation (the trailing ".*" of a search pattern) makes its whole
+    # subset universal; collapsing such subsets keeps unanchored alternations (".*a.*|.*b.*") small.
+    universal: dict[int, bool] = {}
+
+    def is_universal(u: int) -> bool:
+        hit = universal.get(u)
+        if hit is None:
+            clo = nfa.closure([u])
+            hit = end in clo and any(
+                lo == 0 and hi == MAX_CODE_POINT and nfa.closure([t]) >= clo for x in clo for lo, hi, t in nfa.edges[x]
+            )
+            universal[u] = hit
+        return hit
+
+    top: frozenset | None = None
+
+    def canonical(subset: frozenset) -> frozenset:
+        nonlocal top
+        if any(is_universal(u) for u in subset):
+            if top is None:
+                top = subset
+            return top
+        return subset
+
+    init = canonical(nfa.closure([start]))
     index = {init: 0}
     order = [init]
     trans: list[tuple[tuple[int, int, int], ...]] = []
@@ -254,7 +278,7 @@ def dfa_from_expr(e: Expr, max_states: int = 20_000) -> CharDFA:
         for lo, hi, targets in _split_targets((lo, hi, t) for s in cur for lo, hi, t in nfa.edges[s]):
             tgt = closures.get(targets)
             if tgt is None:
-                tgt = closures[targets] = nfa.closure(targets)
+                tgt = closures[targets] = canonical(nfa.closure(targets))
             if tgt not in index:
                 if len(order) >= max_states:
                     raise LexLimit(f"more than {max_states} automaton states")
