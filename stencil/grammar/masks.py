@@ -2,12 +2,13 @@
 
 Why this works
 --------------
-The recognizer's current row holds Earley items ``(state, origin)``. Every way to read a token's
-bytes from that row starts by scanning the token's first byte from some item X of the row. From
-there the derivation either stays inside X's rule instance for the whole token (nested rules may be
-called and finish inside the token), or X's rule instance *ends* after the first byte and before the
-token's last one, and the rest depends on X's caller. So each token can be classified per automaton
-state s, without knowing any caller, by reading it from a fresh sub-chart seeded with ``(s, 0)``:
+The recognizer's current row holds Earley items ``(state, origin)``. Its *kernel* items are those
+scanned or completed into it (origin before the row; on row 0, the root's start item); every other
+item was predicted on this row from one of them. A token's bytes are read from some kernel item X:
+either the whole token stays inside X's rule instance (nested rules may be called and finish inside
+the token), or X's rule instance *ends* after k >= 1 bytes and the rest depends on X's callers. So
+each token can be classified per automaton state s, without knowing any caller, by reading it from
+a fresh sub-chart seeded with ``(s, 0)``:
 
 * **accepted**: some path consumes the whole token while staying inside the rule (an item is alive
   after its last byte);
@@ -15,41 +16,45 @@ state s, without knowing any caller, by reading it from a fresh sub-chart seeded
   the byte after that end could follow the rule somewhere in the grammar;
 * **rejected**: everything else.
 
-An end before the first byte (k = 0) never makes a token uncertain: in the real chart the rule's
-completion at that point has already advanced its callers, whose items are in the row themselves.
-The sub-chart's seed item gets origin 0, and row 0 of the sub-chart is an empty dummy row, so the
-seed rule's own completion advances nothing, and "the rule can end here" is simply "an item with
-origin 0 is in a final state".
+An end before the first byte (k = 0) never makes a token uncertain: in the real chart that
+completion has already advanced the callers, which are kernel items themselves. Row 0 of the
+sub-chart is an empty dummy, so the seed rule's own completion advances nothing, and "the rule can
+end here" is "an item with origin 0 is in a final state".
 
 Then ``mask = ⋃ accepted(s) ∪ {t ∈ ⋃ uncertain(s) : the full parser accepts t}`` over the distinct
-states s of the row that have a byte edge. Only states matter, not origins, so one entry per state
-serves every request, every position and every grammar that shares the state's sub-grammar.
+states s of the row's kernel items. Only states matter, not origins, so one entry per state serves
+every request, every position and every grammar that shares the state's sub-grammar.
 
 Context expansion. Whether a token is uncertain depends on the bytes that can follow the rule, which
 depend on the grammar around it; the walk itself does not. So the cached (shareable) part records,
-for every dead trie subtree below a point where the rule could end, the bytes right after each such
-end on its path ("after-end bytes"). A grammar *resolves* these records with the FOLLOW set (over
-bytes) of the state's rule: a subtree stays uncertain only if one of its after-end bytes can follow
-the rule; otherwise it is rejected. Uncertain tokens are kept as those trie subtrees, so the mask
-fill checks them with the real parser by walking the subtrees and skipping dead prefixes.
+for every dead trie subtree below a point where the rule could end, the end positions on its path.
+A grammar *resolves* them with FOLLOW (over bytes) of the state's rule: a subtree stays uncertain
+only if a byte after one of its ends can follow the rule. The mask fill then checks uncertain tokens
+against the real context: it completes the rule into a fresh chart row once and reads the distinct
+*suffixes* after the ends (a small trie per entry, :func:`_suffix_block`), or walks the subtrees.
 
 Storage (XGrammar's adaptive choice). The accepted set is stored as the cheapest of: a sorted id
 list, a sorted list of the text tokens *not* accepted (the complement: string-content states accept
-almost everything), or a bitset of ``ceil(V/32)`` words. The uncertain set is a list of trie nodes.
+almost everything), or a bitset of ``ceil(V/32)`` words.
 
 Computing a state's entry
 -------------------------
-:func:`classify_state` walks the flat token trie once (see :mod:`stencil.grammar.vocab`), one
-kernel call per state. Each depth keeps either a single *DFA state* (the only item that can still
-scan is ``(x, 0)`` and x has no rule edges: the next byte is a plain automaton step) or an Earley
-row of the sub-chart; a rejected prefix skips its whole subtree. Regular stretches (string
-contents, numbers, literals, keys) are thus walked at automaton speed, and the Earley machinery runs
-only where rules are called.
+The vocabulary is split by token length into bands (:class:`Forest`), one trie per band; a band's
+classification depends only on what the state reaches within the band's longest token, which is the
+band's cross-grammar key (:func:`_horizon_structs`): positions of a counter (``char{0,255}``) far
+enough from its bound share entries, and so do states of different grammars with equal horizons.
 
-Entries are built lazily on a state's first visit, shared process-wide per tokenizer through a key
-that hashes everything the classification reads (the state's rule, every rule reachable from it,
-with canonical numbering), optionally persisted in an on-disk cache, and can be finished in a
-background thread (:meth:`MaskCache.warm_up`): the kernels release the GIL.
+:func:`classify_state` walks a band's trie once per state (all missing bands in one kernel call).
+Each depth keeps either a *stack configuration* (a top state, return states of the rules called
+inside the token, and the origin of the bottom item), stepped deterministically with one byte of
+FIRST lookahead (:func:`_stack_step`), or a materialized Earley row of the sub-chart, used where
+several derivations compete (the path is replayed from the last materialized row). A rejected prefix
+skips its subtree; a configuration that loops back to itself on a set of characters accepts every
+child subtree made only of them without walking it (:func:`_absorption`, exact for UTF-8).
+
+Entries are built lazily on a state's first visit, shared process-wide per vocabulary
+(:class:`MaskStore`), optionally persisted on disk, and can be finished in a background thread
+(:meth:`MaskCache.warm_up`): the kernels release the GIL.
 """
 
 from __future__ import annotations
@@ -232,19 +237,21 @@ def min_lengths(G):
 
 
 @numba.njit(cache=True, nogil=True)
-def _horizon_struct(G, rule_minlen, s, s_end, horizon):
-    """Canonical serialization of what state s can reach within ``horizon`` bytes, inside its rule.
+def _horizon_structs(G, rule_minlen, s, s_end, horizons):
+    """Canonical serializations of what state s can reach within each of ``horizons`` bytes, inside its rule.
 
     A token walk from s reads at most ``horizon`` bytes, so states further away (in fewest bytes)
     cannot change its classification. States are numbered in BFS order from s; a byte edge that
     would be the (horizon+1)-th byte is dropped, a rule edge whose return lies beyond the horizon
     keeps its callee but loses its target (-1). Special-token edges are dropped (text never reads
-    them). Callees are numbered by first appearance; returns (serialization, callee rule ids).
+    them). Callees are numbered by first appearance. Returns (serializations, their offsets per
+    horizon, callee rule ids, their offsets per horizon).
     """
     rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
     base = rule_start[state_rule[s]]
     n = s_end - base
     inf = np.int64(1) << 40
+    far = horizons.max()
     dist = np.full(n, inf, np.int64)
     dist[s - base] = 0
     stack = [np.int64(s)]
@@ -256,55 +263,67 @@ def _horizon_struct(G, rule_minlen, s, s_end, horizon):
                 continue
             d = dist[p - base] + (1 if r < 0 else rule_minlen[r])
             t = edge_target[e]
-            if d <= horizon and d < dist[t - base]:
+            if d <= far and d < dist[t - base]:
                 dist[t - base] = d
                 stack.append(np.int64(t))
+    out = [np.int64(0)]
+    out_ptr = [np.int64(0)]
+    callees_all = [np.int64(0)]
+    callee_ptr = [np.int64(0)]
+    out.pop()
+    callees_all.pop()
     idx = np.full(n, -1, np.int64)
-    idx[s - base] = 0
-    queue = [np.int64(s)]
-    callees = [np.int64(-1)]  # typed by its first element; dropped at the end
-    out = [np.int64(horizon)]
-    head = 0
-    while head < len(queue):
-        p = queue[head]
-        head += 1
-        out.append(np.int64(state_final[p]))
-        for e in range(edge_ptr[p], edge_ptr[p + 1]):
-            r = edge_rule[e]
-            t = edge_target[e]
-            if r < 0:
-                if edge_lo[e] > 255 or dist[p - base] + 1 > horizon:
-                    continue
-                ti = idx[t - base]
-                if ti < 0:
-                    ti = np.int64(len(queue))
-                    idx[t - base] = ti
-                    queue.append(np.int64(t))
-                out.append(np.int64(0))
-                out.append(np.int64(edge_lo[e]))
-                out.append(np.int64(edge_hi[e]))
-                out.append(ti)
-            else:
-                ci = np.int64(-1)
-                for k in range(1, len(callees)):
-                    if callees[k] == r:
-                        ci = np.int64(k - 1)
-                        break
-                if ci < 0:
-                    ci = np.int64(len(callees) - 1)
-                    callees.append(np.int64(r))
-                ti = np.int64(-1)
-                if dist[p - base] + rule_minlen[r] <= horizon:
+    for horizon in horizons:
+        idx[:] = -1
+        idx[s - base] = 0
+        queue = [np.int64(s)]
+        callees = [np.int64(-1)]  # typed by its first element; dropped at the end
+        out.append(np.int64(horizon))
+        head = 0
+        while head < len(queue):
+            p = queue[head]
+            head += 1
+            out.append(np.int64(state_final[p]))
+            for e in range(edge_ptr[p], edge_ptr[p + 1]):
+                r = edge_rule[e]
+                t = edge_target[e]
+                if r < 0:
+                    if edge_lo[e] > 255 or dist[p - base] + 1 > horizon:
+                        continue
                     ti = idx[t - base]
                     if ti < 0:
                         ti = np.int64(len(queue))
                         idx[t - base] = ti
                         queue.append(np.int64(t))
-                out.append(np.int64(1))
-                out.append(ci)
-                out.append(ti)
-        out.append(np.int64(-2))  # end of this state's edges
-    return np.array(out, np.int64), np.array(callees[1:], np.int64)
+                    out.append(np.int64(0))
+                    out.append(np.int64(edge_lo[e]))
+                    out.append(np.int64(edge_hi[e]))
+                    out.append(ti)
+                else:
+                    ci = np.int64(-1)
+                    for k in range(1, len(callees)):
+                        if callees[k] == r:
+                            ci = np.int64(k - 1)
+                            break
+                    if ci < 0:
+                        ci = np.int64(len(callees) - 1)
+                        callees.append(np.int64(r))
+                    ti = np.int64(-1)
+                    if dist[p - base] + rule_minlen[r] <= horizon:
+                        ti = idx[t - base]
+                        if ti < 0:
+                            ti = np.int64(len(queue))
+                            idx[t - base] = ti
+                            queue.append(np.int64(t))
+                    out.append(np.int64(1))
+                    out.append(ci)
+                    out.append(ti)
+            out.append(np.int64(-2))  # end of this state's edges
+        out_ptr.append(np.int64(len(out)))
+        for k in range(1, len(callees)):
+            callees_all.append(callees[k])
+        callee_ptr.append(np.int64(len(callees_all)))
+    return np.array(out, np.int64), np.array(out_ptr, np.int64), np.array(callees_all, np.int64), np.array(callee_ptr, np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,12 +525,15 @@ def _absorption(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, p
 
 @numba.njit(**_KERNEL)
 def _absorption_memo(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl,
-                     memo_key, memo_val, ascii_out):
+                     memo_key, memo_val, stamp, ascii_out):
     """:func:`_absorption` through a small table keyed by the configuration (those with <= 4 frames).
 
-    Returns 0 (no looping ASCII), 1 (ASCII only) or 2 (ASCII and every multi-byte character).
+    A slot belongs to this classification when its last column equals ``stamp`` (so the table
+    never needs clearing). Returns 0 (no looping ASCII), 1 (ASCII only) or 2 (ASCII and every
+    multi-byte character).
     """
-    cacheable = sl <= memo_key.shape[1] - 3
+    width = memo_key.shape[1]
+    cacheable = sl <= width - 4
     slot = -1
     if cacheable:
         h = (np.int64(x) * 1000003 + np.int64(anchor) * 7919 + sl) & 0x7FFFFFFF
@@ -520,7 +542,7 @@ def _absorption_memo(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scrat
         mask = memo_key.shape[0] - 1
         slot = h & mask
         for _ in range(memo_key.shape[0]):
-            if memo_key[slot, 0] < 0:
+            if memo_key[slot, width - 1] != stamp:
                 break
             same = memo_key[slot, 0] == x and memo_key[slot, 1] == anchor and memo_key[slot, 2] == sl
             if same:
@@ -536,12 +558,13 @@ def _absorption_memo(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scrat
     some, multi = _absorption(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
                               pair_sl, ascii_out)
     kind = np.int64(0 if not some else (2 if multi else 1))
-    if cacheable and memo_key[slot, 0] < 0:
+    if cacheable and memo_key[slot, width - 1] != stamp:
         memo_key[slot, 0] = x
         memo_key[slot, 1] = anchor
         memo_key[slot, 2] = sl
         for k in range(sl):
             memo_key[slot, 3 + k] = stk[d, k]
+        memo_key[slot, width - 1] = stamp
         memo_val[slot, 0] = ascii_out[0]
         memo_val[slot, 1] = ascii_out[1]
         memo_val[slot, 2] = np.uint64(kind)
@@ -584,7 +607,7 @@ def _enter(state_final, flags, st, org, row, begin, end):
 def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
                      trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
                      anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, pair_u,
-                     pair_top, pair_sl, memo_key, memo_val, acc, rec_node, rec_ae_ptr, rec_ae, out):
+                     pair_top, pair_sl, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr, rec_ae, out):
     """Classify the text tokens of trie nodes ``node_lo+1 .. node_hi-1`` (one trie; ``node_lo`` is its root)
     from a sub-chart seeded with (s, 0); see the module docstring.
 
@@ -620,7 +643,7 @@ def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, 
     absorb[0] = 0
     if node_hi - node_lo > _BULK_MIN:
         absorb[0] = _absorption_memo(G, first, end_null, utf8, stk, sen, 0, s, 0, 0, scratch, pair_u, pair_top,
-                                     pair_sl, memo_key, memo_val, absorb_ascii[0])
+                                     pair_sl, memo_key, memo_val, memo_stamp, absorb_ascii[0])
     ae_cnt[0] = 0
     n_acc = 0
     n_rec = 0
@@ -717,7 +740,8 @@ def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, 
         absorb[d] = 0
         if top[d] >= 0 and trie_subtree[i] > _BULK_MIN:
             absorb[d] = _absorption_memo(G, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], scratch,
-                                         pair_u, pair_top, pair_sl, memo_key, memo_val, absorb_ascii[d])
+                                         pair_u, pair_top, pair_sl, memo_key, memo_val, memo_stamp,
+                                         absorb_ascii[d])
         for k in range(trie_tok_ptr[i], trie_tok_ptr[i + 1]):
             acc[n_acc] = trie_tok_ids[k]
             n_acc += 1
@@ -726,6 +750,37 @@ def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, 
     out[1] = n_rec
     out[2] = n_ae
     out[3] = visited
+    return 1
+
+
+@numba.njit(**_KERNEL)
+def _classify_bands(G, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte, trie_depth, trie_subtree,
+                    trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta,
+                    max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb,
+                    absorb_ascii, pair_u, pair_top, pair_sl, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr,
+                    rec_ae, out):
+    """:func:`_classify_kernel` for each band in ``bands``, in one call.
+
+    Band b writes its accepted ids at ``acc[tok_lo[b]:]``, its records at ``rec_node[node_lo[b]:]``
+    and ``rec_ae_ptr[node_lo[b] + b:]``, its end positions after the previous band's in ``rec_ae``;
+    ``out[j]`` gets (n_acc, n_rec, n_ae, visited) of ``bands[j]``, with n_acc = -1 when that band's
+    sub-chart hit the item limit. Returns 1, or AE_FULL / GROW (call again after growing).
+    """
+    ae_off = 0
+    for j in range(bands.shape[0]):
+        b = bands[j]
+        status = _classify_kernel(G, flags, first, end_null, s, node_lo[b], node_hi[b], trie_byte, trie_depth,
+                                  trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr,
+                                  ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk,
+                                  ae_cnt, ae_stack, absorb, absorb_ascii, pair_u, pair_top, pair_sl, memo_key, memo_val,
+                                  memo_stamp, acc[tok_lo[b]:], rec_node[node_lo[b]:], rec_ae_ptr[node_lo[b] + b:],
+                                  rec_ae[ae_off:], out[j])
+        if status == LIMIT:
+            out[j, 0] = -1
+        elif status != 1:
+            return status
+        else:
+            ae_off += out[j, 2]
     return 1
 
 
@@ -738,6 +793,23 @@ def _merge_accepted(parts, ids, band_ids, text_bits, n_text):
     the band's tokens being ``band_ids[band_lo:band_hi]``).
     """
     W = text_bits.shape[0]
+    total = 0
+    lists_only = True
+    for p in range(parts.shape[0]):
+        total += parts[p, 2]
+        lists_only = lists_only and parts[p, 0] != ACC_COMPLEMENT
+    if lists_only and total <= W:
+        # Small sets of accepted ids (structure, keys, literals): a sorted list, no pass over the words.
+        out = np.empty(total, np.int32)
+        k = 0
+        for p in range(parts.shape[0]):
+            if parts[p, 0] == ACC_LIST:
+                for j in range(parts[p, 1], parts[p, 1] + parts[p, 2]):
+                    out[k] = ids[j]
+                    k += 1
+        if k == 0:
+            return ACC_NONE, np.zeros(0, np.uint32)
+        return ACC_LIST, np.sort(out[:k]).view(np.uint32)
     words = np.zeros(W, np.uint32)
     one = np.uint32(1)
     for p in range(parts.shape[0]):
@@ -997,7 +1069,6 @@ class _Scratch:
 
     def __init__(self, forest: Forest, max_token_len: int):
         depth = max_token_len + 2
-        n_nodes = int((forest.node_hi - forest.node_lo).max())
         self.top, self.anchor, self.entry, self.stk_len = (np.zeros(depth, np.int32) for _ in range(4))
         self.stk = np.zeros((depth + 1 + _PAIRS, STACK_MAX + 1), np.int32)  # rows past the depths: scratch
         self.sen = np.zeros((depth + 1 + _PAIRS, STACK_MAX + 1), np.bool_)
@@ -1008,11 +1079,12 @@ class _Scratch:
         self.absorb = np.zeros(depth, np.int64)
         self.absorb_ascii = np.zeros((depth, 2), np.uint64)
         self.pair_u, self.pair_top, self.pair_sl = (np.zeros(_PAIRS, np.int64) for _ in range(3))
-        self.memo_key = np.full((1024, 7), -1, np.int64)
+        self.memo_key = np.full((1024, 8), -1, np.int64)  # column 7: the classification that wrote the slot
         self.memo_val = np.zeros((1024, 3), np.uint64)
-        self.acc = np.empty(int((forest.band_tok_hi - forest.band_tok_lo).max()), np.int32)
-        self.rec_node = np.empty(n_nodes, np.int32)
-        self.rec_ae_ptr = np.zeros(n_nodes + 1, np.int32)
+        self.stamp = 0
+        self.acc = np.empty(int(forest.band_tok_hi[-1]), np.int32)  # band b at band_tok_lo[b]
+        self.rec_node = np.empty(int(forest.node_hi[-1]), np.int32)  # band b at node_lo[b]
+        self.rec_ae_ptr = np.zeros(int(forest.node_hi[-1]) + len(forest.bands), np.int32)  # at node_lo[b] + b
         self.rec_ae = np.empty(4096, np.uint16)
         self.counts = np.zeros(4, np.int64)
         self.words = np.zeros(forest.token_node.shape[0] // 32 + 1, np.uint32)
@@ -1034,26 +1106,29 @@ def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
     return x
 
 
-def classify_state(G, flags: np.ndarray, s: int, forest: Forest, band: int, max_token_len: int,
-                   sets: tuple[np.ndarray, np.ndarray] | None = None, *, max_items_per_row: int = 50_000) -> StateMasks:
-    """Classify the tokens of one band of the forest for state ``s`` (one trie walk; see the module docstring).
+def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable[int], max_token_len: int,
+                   sets: tuple[np.ndarray, np.ndarray] | None = None, *, max_items_per_row: int = 50_000
+                   ) -> list[StateMasks]:
+    """Classify the tokens of the given bands of the forest for state ``s``, one trie walk per band, one kernel call.
 
-    ``sets`` = (FIRST, end_null) from :func:`grammar_sets` (computed when not given). A state
-    whose sub-chart exceeds ``max_items_per_row`` gets a conservative entry: nothing accepted,
-    the whole band uncertain, so the full parser decides (and raises its own limit error).
+    ``sets`` = (FIRST, end_null) from :func:`grammar_sets` (computed when not given). A band whose
+    sub-chart exceeds ``max_items_per_row`` gets a conservative entry: nothing accepted, the whole
+    band uncertain, so the full parser decides (and raises its own limit error).
     """
     t0 = time.perf_counter()
     first, end_null = sets if sets is not None else grammar_sets(G)[:2]
-    node_lo, node_hi = int(forest.node_lo[band]), int(forest.node_hi[band])
+    bands = np.array(list(bands), np.int64)
     sc = _scratch(forest, max_token_len)
-    sc.memo_key.fill(-1)
+    sc.stamp += 1  # a new owner stamp for the absorption memo
+    counts = np.zeros((bands.shape[0], 4), np.int64)
     while True:
-        status = _classify_kernel(
-            G, flags, first, end_null, np.int32(s), node_lo, node_hi, forest.trie_byte, forest.trie_depth,
-            forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids, forest.sub_bytes, forest.utf8_ok, UTF8,
-            sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta, max_items_per_row, sc.top, sc.anchor, sc.entry, sc.stk_len,
-            sc.stk, sc.sen, sc.pathb, sc.endk, sc.ae_cnt, sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.pair_u, sc.pair_top,
-            sc.pair_sl, sc.memo_key, sc.memo_val, sc.acc, sc.rec_node, sc.rec_ae_ptr, sc.rec_ae, sc.counts)
+        status = _classify_bands(
+            G, flags, first, end_null, np.int32(s), bands, forest.node_lo, forest.node_hi, forest.band_tok_lo,
+            forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids,
+            forest.sub_bytes, forest.utf8_ok, UTF8, sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta,
+            max_items_per_row, sc.top, sc.anchor, sc.entry, sc.stk_len, sc.stk, sc.sen, sc.pathb, sc.endk, sc.ae_cnt,
+            sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.pair_u, sc.pair_top, sc.pair_sl, sc.memo_key, sc.memo_val,
+            sc.stamp, sc.acc, sc.rec_node, sc.rec_ae_ptr, sc.rec_ae, counts)
         if status == AE_FULL:
             sc.rec_ae = np.empty(2 * sc.rec_ae.shape[0], np.uint16)
         elif status == GROW:
@@ -1065,13 +1140,22 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, band: int, max_
             sc.org = np.empty(sc.st.shape[0], np.int32)
         else:
             break
-    n_acc, n_rec, n_ae, visited = (int(c) for c in sc.counts)
-    if status == LIMIT:
-        return StateMasks(ACC_NONE, np.zeros(0, np.int32), 0, np.array([node_lo], np.int32), np.zeros(2, np.int32),
-                          np.zeros(0, np.uint16), 0, time.perf_counter() - t0)
-    mode, srt = _band_accepted(sc.acc[:n_acc], forest.sorted_band_ids[band], sc.words)
-    return StateMasks(int(mode), srt, int(n_acc), sc.rec_node[:n_rec].copy(), sc.rec_ae_ptr[:n_rec + 1].copy(),
-                      sc.rec_ae[:n_ae].copy(), int(visited), time.perf_counter() - t0)
+    seconds = (time.perf_counter() - t0) / max(len(bands), 1)
+    out = []
+    ae_off = 0
+    for j, b in enumerate(bands.tolist()):
+        n_acc, n_rec, n_ae, visited = (int(c) for c in counts[j])
+        lo, pl = int(forest.node_lo[b]), int(forest.node_lo[b]) + b
+        if n_acc < 0:
+            out.append(StateMasks(ACC_NONE, np.zeros(0, np.int32), 0, np.array([lo], np.int32), np.zeros(2, np.int32),
+                                  np.zeros(0, np.uint16), 0, seconds))
+            continue
+        tl = int(forest.band_tok_lo[b])
+        mode, srt = _band_accepted(sc.acc[tl:tl + n_acc], forest.sorted_band_ids[b], sc.words)
+        out.append(StateMasks(int(mode), srt, n_acc, sc.rec_node[lo:lo + n_rec].copy(), sc.rec_ae_ptr[pl:pl + n_rec + 1].copy(),
+                              sc.rec_ae[ae_off:ae_off + n_ae].copy(), visited, seconds))
+        ae_off += n_ae
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1120,6 +1204,8 @@ class MaskStore:
     """Per-tokenizer store of :class:`StateMasks`, keyed by sub-grammar hash, LRU-bounded by bytes.
 
     Thread-safe. Two threads asking for the same missing key compute it once: the second waits.
+    With a ``cache_dir``, entries are also read from and written to
+    ``<cache_dir>/<vocabulary fingerprint>/<key>.bin``.
     """
 
     def __init__(self, info: TokenizerInfo, *, max_bytes: int = 1 << 30):
@@ -1140,46 +1226,65 @@ class MaskStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes, compute: Callable[[], StateMasks], cache_dir: Path | None = None) -> StateMasks:
-        """The entry for ``key``: from memory, else from ``cache_dir``, else ``compute()`` (then stored)."""
-        while True:
-            with self._lock:
+    def get_many(self, keys: tuple[bytes, ...], compute: Callable[[list[int]], list[StateMasks]],
+                 cache_dir: Path | None = None) -> list[StateMasks]:
+        """The entries for ``keys``: from memory, else from ``cache_dir``, else ``compute(missing indices)``.
+
+        One ``compute`` call produces every entry this thread has to make (the band walks of a state
+        run in one kernel call); keys another thread is already making are awaited.
+        """
+        out: list[StateMasks | None] = [None] * len(keys)
+        mine: list[int] = []
+        waits: list[tuple[int, threading.Event]] = []
+        with self._lock:
+            for i, key in enumerate(keys):
                 e = self._entries.get(key)
                 if e is not None:
                     self._entries.move_to_end(key)
                     self.hits += 1
-                    return e
-                ev = self._inflight.get(key)
-                if ev is None:
-                    ev = self._inflight[key] = threading.Event()
-                    break
-            ev.wait()
+                    out[i] = e
+                elif key in self._inflight:
+                    waits.append((i, self._inflight[key]))
+                else:
+                    self._inflight[key] = threading.Event()
+                    mine.append(i)
         try:
-            path = cache_dir / self.fingerprint / f"{key.hex()}.bin" if cache_dir is not None else None
-            e = _load(path) if path is not None else None
-            if e is None:
-                e = compute()
-                if path is not None:
-                    try:
-                        _save(path, e)
-                    except OSError:
-                        pass  # a read-only or full cache directory only costs recomputation
-                with self._lock:
-                    self.misses += 1
-            else:
-                with self._lock:
-                    self.disk_hits += 1
+            todo = []
+            for i in mine:
+                path = cache_dir / self.fingerprint / f"{keys[i].hex()}.bin" if cache_dir is not None else None
+                e = _load(path) if path is not None else None
+                if e is None:
+                    todo.append(i)
+                else:
+                    out[i] = e
+            if todo:
+                for i, e in zip(todo, compute(todo)):
+                    out[i] = e
+                    if cache_dir is not None:
+                        try:
+                            _save(cache_dir / self.fingerprint / f"{keys[i].hex()}.bin", e)
+                        except OSError:
+                            pass  # a read-only or full cache directory only costs recomputation
             with self._lock:
-                self._entries[key] = e
-                self.nbytes += e.nbytes
+                self.misses += len(todo)
+                self.disk_hits += len(mine) - len(todo)
+                for i in mine:
+                    e = out[i]
+                    self._entries[keys[i]] = e
+                    self.nbytes += e.nbytes
                 while self.nbytes > self.max_bytes and len(self._entries) > 1:
                     _, old = self._entries.popitem(last=False)
                     self.nbytes -= old.nbytes
-            return e
         finally:
             with self._lock:
-                del self._inflight[key]
-            ev.set()
+                events = [self._inflight.pop(keys[i]) for i in mine]
+            for ev in events:
+                ev.set()
+        for i, ev in waits:
+            ev.wait()
+            # Usually there now; recomputed if the making thread failed or the LRU dropped it.
+            out[i] = self.get_many((keys[i],), lambda todo, i=i: [compute([i])[0]], cache_dir)[0]
+        return out  # type: ignore[return-value]
 
     def clear(self) -> None:
         with self._lock:
@@ -1211,7 +1316,7 @@ class _Keys:
 
     A rule's key hashes the sub-grammar reachable from it (rules renumbered in BFS order, each
     rule's automaton hashed once). A state's key for a band hashes what it reaches within the band's
-    longest token (:func:`_horizon_struct`) and the keys of the rules called there: the positions
+    longest token (:func:`_horizon_structs`) and the keys of the rules called there: the positions
     of a counter (``char{0,255}``) at least that far from its bound share the band's entry.
     """
 
@@ -1258,13 +1363,18 @@ class _Keys:
             hit = self._closure[r] = h.digest()
         return hit
 
-    def state_key(self, s: int, horizon: int) -> bytes:
+    def state_keys(self, s: int, horizons: np.ndarray) -> tuple[bytes, ...]:
+        """One key per horizon: the state's horizon structure and the keys of the rules called in it."""
         r = int(self.g.state_rule[s])
-        ser, callees = _horizon_struct(self.G, self.minlen, np.int64(s), self.rule_end[r], horizon)
-        h = hashlib.blake2b(ser.tobytes(), digest_size=20)
-        for c in callees.tolist():
-            h.update(self.rule_key(c))
-        return h.digest()
+        ser, ser_ptr, callees, callee_ptr = _horizon_structs(self.G, self.minlen, np.int64(s), self.rule_end[r],
+                                                             horizons)
+        keys = []
+        for k in range(horizons.shape[0]):
+            h = hashlib.blake2b(ser[ser_ptr[k]:ser_ptr[k + 1]].tobytes(), digest_size=20)
+            for c in callees[callee_ptr[k]:callee_ptr[k + 1]].tolist():
+                h.update(self.rule_key(c))
+            keys.append(h.digest())
+        return tuple(keys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1358,6 +1468,7 @@ class MaskCache:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.max_items_per_row = int(max_items_per_row)
         self._keys = _Keys(g, self.G)
+        self._horizons = np.array([hi for _, hi in self.forest.bands], np.int64)
         self._combos: dict[tuple[bytes, ...], int] = {}  # band keys -> row of ent
         self._lock = threading.Lock()
         self._n_ent = 0
@@ -1401,17 +1512,16 @@ class MaskCache:
 
     def band_keys(self, s: int) -> tuple[bytes, ...]:
         """The cross-grammar keys of state s, one per band: what it reaches within the band's longest token."""
-        return tuple(self._keys.state_key(int(s), hi) for _, hi in self.forest.bands)
+        return self._keys.state_keys(int(s), self._horizons)
 
     def state_masks(self, s: int) -> list[StateMasks]:
         """The grammar-independent band entries of state s (shared store, disk cache, or fresh walks)."""
-        s = int(s)
-        return [self.store.get(key, lambda k=k: self._classify(s, k), self.cache_dir)
-                for k, key in enumerate(self.band_keys(s))]
+        return self._band_entries(int(s), self.band_keys(s))
 
-    def _classify(self, s: int, band: int) -> StateMasks:
-        return classify_state(self.G, self.flags, s, self.forest, band, self.info.max_token_len,
-                              (self.first, self.end_null), max_items_per_row=self.max_items_per_row)
+    def _band_entries(self, s: int, keys: tuple[bytes, ...]) -> list[StateMasks]:
+        return self.store.get_many(keys, lambda bands: classify_state(
+            self.G, self.flags, s, self.forest, bands, self.info.max_token_len, (self.first, self.end_null),
+            max_items_per_row=self.max_items_per_row), self.cache_dir)
 
     def ensure(self, states: Iterable[int]) -> None:
         """Compute and register the entries of ``states`` that are missing."""
@@ -1422,8 +1532,7 @@ class MaskCache:
             keys = self.band_keys(s)
             row = self._combos.get(keys)
             if row is None:
-                parts = [self.store.get(key, lambda k=k: self._classify(s, k), self.cache_dir)
-                         for k, key in enumerate(keys)]
+                parts = self._band_entries(s, keys)
                 row = self._add_entry(keys, parts, self.follow[self.grammar.state_rule[s]])
                 self.computed[s] = (sum(p.seconds for p in parts), sum(p.visited for p in parts))
             with self._lock:

@@ -521,12 +521,10 @@ def test_parser_limit_in_classification_falls_back_to_the_parser():
     cache = MaskCache(cg, max_items_per_row=4)
     start = int(cg.grammar.rule_start[cg.grammar.rule_id("e")])
     forest = cache.forest
-    for band in range(len(forest.bands)):
-        entry = classify_state(cache.G, cache.flags, start, forest, band, info.max_token_len, max_items_per_row=4)
-        if entry.n_accepted == 0 and entry.rec_node.tolist() == [forest.node_lo[band]]:
-            break  # this band's walk hit the limit: everything in it is uncertain
-    else:
-        raise AssertionError("no band's classification hit the item limit")
+    entries = classify_state(cache.G, cache.flags, start, forest, range(len(forest.bands)), info.max_token_len,
+                             max_items_per_row=4)
+    # A band whose walk hit the limit gets everything in it uncertain.
+    assert any(e.n_accepted == 0 and e.rec_node.tolist() == [forest.node_lo[b]] for b, e in enumerate(entries))
     cg._mask_cache = cache
     m = GrammarMatcher(cg)
     assert m.accept_string("aa")
