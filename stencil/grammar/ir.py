@@ -669,7 +669,9 @@ class Grammar:
         lines = []
         order = [self.root] + [r for r in range(self.n_rules) if r != self.root]
         for r in order:
-            lines.append(f"{self.rule_names[r]} ::= {format_expr(self.rule_exprs[r])}")
+            aux: list[str] = [self.rule_names[r]]  # owner name, then helper rules for automata
+            lines.append(f"{self.rule_names[r]} ::= {format_expr(self.rule_exprs[r], aux=aux)}")
+            lines.extend(aux[1:])
         return "\n".join(lines) + "\n"
 
     def dump_automata(self) -> str:
@@ -735,8 +737,15 @@ def _fmt_cp(c: int) -> str:
     return f"\\x{c:02X}" if c < 0x100 else (f"\\u{c:04X}" if c < 0x10000 else f"\\U{c:08X}")
 
 
-def format_expr(e: Expr, top: bool = True) -> str:
-    """One expression in GBNF syntax."""
+_EMPTY_CLASS = "[^\\x00-\\U0010FFFF]"  # matches nothing
+
+
+def format_expr(e: Expr, top: bool = True, aux: list[str] | None = None) -> str:
+    """One expression in GBNF syntax.
+
+    ``aux`` = [owner rule name, ...]: automata are printed as helper rules appended to it (one
+    right-linear rule per state, named ``<owner>_a<k>_<state>``); without it, as a compact block.
+    """
     if isinstance(e, Lit):
         try:
             s = e.data.decode("utf-8")
@@ -763,15 +772,15 @@ def format_expr(e: Expr, top: bool = True) -> str:
     if isinstance(e, Seq):
         if not e.items:
             return '""'
-        s = " ".join(format_expr(x, False) for x in e.items)
+        s = " ".join(format_expr(x, False, aux) for x in e.items)
         return s if top else f"({s})"
     if isinstance(e, Alt):
         if not e.options:
             return "[^\\x00-\\U0010FFFF]"  # matches nothing
-        s = " | ".join(format_expr(x, True) for x in e.options)
+        s = " | ".join(format_expr(x, True, aux) for x in e.options)
         return s if top else f"({s})"
     if isinstance(e, Repeat):
-        inner = format_expr(e.body, False)
+        inner = format_expr(e.body, False, aux)
         if isinstance(e.body, Repeat):
             inner = f"({inner})"
         if (e.lo, e.hi) == (0, None):
@@ -785,9 +794,20 @@ def format_expr(e: Expr, top: bool = True) -> str:
         if e.lo == e.hi:
             return f"{inner}{{{e.lo}}}"
         return f"{inner}{{{e.lo},{e.hi}}}"
+    if isinstance(e, Automaton) and aux is not None:
+        names = [f"{aux[0]}_a{len(aux)}_{q}" for q in range(e.n_states)]
+        aux.append("")  # reserve the slot so nested automata get other names
+        slot = len(aux) - 1
+        rules = []
+        for q in range(e.n_states):
+            arms = [f"{format_expr(label, False, aux)} {names[t]}".lstrip() for p, label, t in e.edges if p == q]
+            if q in e.finals:
+                arms.append('""')
+            rules.append(f"{names[q]} ::= " + (" | ".join(arms) or _EMPTY_CLASS))
+        aux[slot] = "\n".join(rules)
+        return names[0]
     if isinstance(e, Automaton):
-        # EBNF has no inline automata: print the right-linear rules as a bracketed block that reads
-        # "state: label -> target | ...", final states marked with '*'.
+        # Without a rule list to extend: a bracketed block "state: label -> target | ...", finals '*'.
         states = []
         for q in range(e.n_states):
             arms = [f"{format_expr(label, True)} -> {t}" for p, label, t in e.edges if p == q]
