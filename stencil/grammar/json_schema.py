@@ -1954,11 +1954,10 @@ class _Compiler(_Normalizer):
                 if req:
                     return NOTHING
                 continue
-            key = seq(lit('"'), lx.json_text(name, raw_ascii=True), lit('"'), self.ws, lit(":"), self.ws)
-            variants = [(seq(key, self.value_ref(sub)), 0)]
+            variants = [(self.member_expr(name, sub, len(declared)), 0)]
             for j, (spec, esub, d) in enumerate(exists):
                 if d.accepts(name) and self.shape(sub | esub):
-                    variants.append((seq(key, self.value_ref(sub | esub)), 1 << j))
+                    variants.append((self.member_expr(name, sub | esub, len(declared)), 1 << j))
             members.append((name, variants, req))
         extras: list[tuple[Expr, int]] = []
         extra = self.extra_member(o, declared)
@@ -2015,6 +2014,15 @@ class _Compiler(_Normalizer):
         k = len(order)
         edges = [(s, x, k if t == END else t) for s, x, t in edges]
         return seq(lit("{"), Automaton(k + 1, tuple(edges), (k,)))
+
+    def member_expr(self, name: str, sub: Sub, n_declared: int) -> Expr:
+        """``"name": value``; in objects with many properties a shared rule, so that the object's
+        automaton does not spell every remaining key at every position (quadratic in their number)."""
+        key = seq(lit('"'), lx.json_text(name, raw_ascii=True), lit('"'), self.ws, lit(":"), self.ws)
+        value = self.value_ref(sub)
+        if n_declared <= 8:
+            return seq(key, value)
+        return self.lazy_rule(("member", name, value), "prop", lambda: seq(key, value))
 
     def any_order_object(self, o: Obj, members: list, extras: list, need_flags: int) -> Expr:
         """Members in any order, each declared one at most once (tracked as a set of seen members)."""

@@ -421,3 +421,15 @@ def test_numbers_beyond_float_range():
     g = json_schema_to_grammar({"type": "integer", "maximum": 10**30})
     assert grammar_accepts(g, str(10**30).encode()) and not grammar_accepts(g, str(10**30 + 1).encode())
     assert Decimal("1e30") == 10**30
+
+
+def test_ebnf_printout_round_trips():
+    """to_ebnf prints the schema grammar (automata as helper rules) as GBNF that means the same."""
+    from stencil.grammar.ebnf import ebnf_to_grammar
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}, "s": {"maxLength": 2, "pattern": "^a"}},
+              "required": ["n"], "additionalProperties": {"type": "array", "maxItems": 2}}
+    g = json_schema_to_grammar(schema)
+    g2 = ebnf_to_grammar(g.to_ebnf())
+    for v in [{"n": 3}, {"n": 2}, {"n": 4, "s": "ab"}, {"n": 4, "s": "ba"}, {"n": 4, "x": [1, 2]}, {"n": 4, "x": [1, 2, 3]}]:
+        assert accepts(g, v) == accepts(g2, v) == valid(schema, v)
