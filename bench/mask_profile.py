@@ -56,6 +56,8 @@ def main() -> None:
         m = st.GrammarMatcher(cg)
         m.fill_next_token_bitmask(bitmask, 0)
         ttfm.append((time.perf_counter() - t0, t1 - t0))
+        if ttfm[-1][0] > 1.0:
+            print(f"{rec['id']}: time to first mask {ttfm[-1][0]:.2f} s (compile {ttfm[-1][1]:.2f} s)")
         cache = cg.mask_cache
         for k, t in enumerate(ids):
             before = dict(cache.computed)

@@ -37,7 +37,7 @@ from stencil.decode.parser import (
 )
 from stencil.errors import StencilError
 from stencil.grammar.compiler import CompiledGrammar
-from stencil.grammar.masks import ACC_BITS, ACC_COMPLEMENT, ACC_LIST
+from stencil.grammar.masks import ACC_BITS, ACC_COMPLEMENT, ACC_LIST, decoder_active
 from stencil.grammar.vocab import TokenizerInfo
 
 __all__ = ["GrammarMatcher", "fill_next_token_bitmasks", "pack_bool_mask"]
@@ -210,6 +210,7 @@ class GrammarMatcher:
         ``bitmask`` is a CPU ``torch.int32`` tensor or a numpy ``int32`` array, ``[batch, words]``
         or ``[words]``, with ``words >= ceil(vocab_size / 32)``; words past the vocabulary are zeroed.
         """
+        decoder_active()
         arr = _bitmask_rows(bitmask, self._cache.words)
         if not -arr.shape[0] <= index < arr.shape[0]:
             raise IndexError(f"bitmask row {index} is out of range for a batch of {arr.shape[0]}")

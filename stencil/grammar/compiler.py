@@ -111,7 +111,10 @@ class GrammarCompiler:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        cg = bind(make(), self.tokenizer_info, source, self.cache_dir)
+        from stencil.grammar.masks import compiling
+
+        with compiling():
+            cg = bind(make(), self.tokenizer_info, source, self.cache_dir)
         with self._lock:
             self._cache[key] = cg
             if len(self._cache) > self.cache_size:

@@ -87,6 +87,7 @@ __all__ = [
     "MaskStore",
     "MaskCache",
     "mask_store",
+    "decoder_active",
     "classify_state",
     "state_flags",
     "grammar_sets",
@@ -439,11 +440,105 @@ def _stack_step(G, first, end_null, x, stk, sen, d, sl, anchor, b):
 
 
 @numba.njit(**_KERNEL, inline="always")
-def _same_frames(stk, r1, r2, sl):
+def _mix(h, v):
+    return (h ^ np.uint64(np.int64(v) & 0xFFFFFFFFFFFF)) * np.uint64(0x100000001B3)
+
+
+@numba.njit(**_KERNEL)
+def _class_of(G, K, s):
+    """Horizon class of state s: a 64-bit hash of what it reaches within K's horizon bytes in its rule.
+
+    ``K = (rule minimum lengths, rule ends, class cache, horizon, dist, number, mark, queue, meta)``.
+    States of one grammar with equal classes behave identically on every string of at most
+    ``horizon`` bytes (the serialization is the one of :func:`_horizon_structs`, callees by rule
+    id), so a configuration that reads a character into an equivalent one loops as far as the
+    band's tokens can tell. Computed on first use and cached (``class cache[s]``, 0 = not yet). A
+    rule too large for the scratch gets classes of its own (no equivalence claimed).
+    """
+    minlen, rule_end, cache, horizon, dist, number, mark, queue, meta = K
+    if cache[s] != 0:
+        return cache[s]
+    rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
+    r = state_rule[s]
+    base = rule_start[r]
+    if rule_end[r] - base > dist.shape[0]:
+        cache[s] = np.int64(s) * 2 + 1  # odd: never equal to a hashed class, which is even
+        return cache[s]
+    meta[0] += 1
+    cur = meta[0]  # mark[k] == cur: dist[k] is valid for this call, number[k] too when >= 0
+    mark[s - base] = cur
+    dist[s - base] = 0
+    number[s - base] = -1
+    top = 1
+    queue[0] = s
+    while top > 0:  # fewest bytes to each state, within the horizon (queue used as a stack)
+        top -= 1
+        p = queue[top]
+        dp = dist[p - base]
+        for e in range(edge_ptr[p], edge_ptr[p + 1]):
+            rr = edge_rule[e]
+            if rr < 0 and edge_lo[e] > 255:
+                continue
+            d = dp + (1 if rr < 0 else minlen[rr])
+            t = edge_target[e]
+            if d <= horizon and (mark[t - base] != cur or d < dist[t - base]):
+                if top == queue.shape[0]:
+                    cache[s] = np.int64(s) * 2 + 1
+                    return cache[s]
+                mark[t - base] = cur
+                dist[t - base] = d
+                number[t - base] = -1
+                queue[top] = t
+                top += 1
+    h = _mix(np.uint64(0xCBF29CE484222325), horizon)
+    number[s - base] = 0
+    queue[0] = s
+    n = 1
+    head = 0
+    while head < n:  # BFS numbering and serialization, as in _horizon_structs
+        p = queue[head]
+        head += 1
+        dp = dist[p - base]
+        h = _mix(h, state_final[p])
+        for e in range(edge_ptr[p], edge_ptr[p + 1]):
+            rr = edge_rule[e]
+            t = edge_target[e]
+            inside = False
+            if rr < 0:
+                if edge_lo[e] > 255 or dp + 1 > horizon:
+                    continue
+                h = _mix(h, 1000 + edge_lo[e])
+                h = _mix(h, 2000 + edge_hi[e])
+                inside = True
+            else:
+                h = _mix(h, 3000 + rr)
+                inside = dp + minlen[rr] <= horizon
+            ti = -1
+            if inside:
+                ti = number[t - base]
+                if ti < 0:
+                    ti = n
+                    number[t - base] = n
+                    queue[n] = t
+                    n += 1
+            h = _mix(h, ti)
+        h = _mix(h, -2)
+    val = np.int64(h & np.uint64(0x7FFFFFFFFFFFFFFE))
+    cache[s] = val if val != 0 else 2
+    return cache[s]
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _same_frames(G, K, stk, r1, r2, sl):
     for k in range(sl):
-        if stk[r1, k] != stk[r2, k]:
+        if stk[r1, k] != stk[r2, k] and _class_of(G, K, stk[r1, k]) != _class_of(G, K, stk[r2, k]):
             return False
     return True
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _same_state(G, K, x, y):
+    return x == y or _class_of(G, K, x) == _class_of(G, K, y)
 
 
 @numba.njit(**_KERNEL, inline="always")
@@ -454,32 +549,33 @@ def _copy_frames(stk, sen, src, dst, sl):
 
 
 @numba.njit(**_KERNEL)
-def _loops(G, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
-    """Does byte b take the stack configuration at depth d straight back to itself?"""
+def _loops(G, K, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
+    """Does byte b take the stack configuration at depth d back to an equivalent one (see :func:`_class_of`)?"""
     _copy_frames(stk, sen, d, tmp, sl)
     status, y, sl2 = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
-    return status == _SCANNED and y == x and sl2 == sl and _same_frames(stk, tmp, d, sl)
+    return status == _SCANNED and sl2 == sl and _same_state(G, K, x, y) and _same_frames(G, K, stk, tmp, d, sl)
 
 
 @numba.njit(**_KERNEL)
-def _absorption(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl, ascii_out):
-    """Which characters take the configuration at depth d back to itself.
+def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl, ascii_out):
+    """Which characters take the configuration at depth d back to an equivalent one.
 
     Returns (some ASCII byte loops, every multi-byte UTF-8 character loops) and writes the looping
     ASCII bytes to ``ascii_out`` (two uint64 words). Multi-byte characters are checked exactly on
     the product of the UTF-8 prefix automaton and the configurations reached mid-character (rows
     ``scratch + 1 ...`` of ``stk`` hold them). Reading such characters from this configuration
-    keeps every token alive, so a trie subtree made of them is accepted without a walk.
+    keeps every token of the band alive (equivalence holds for the band's longest token), so a trie
+    subtree made of them is accepted without a walk.
     """
     tmp = scratch
-    if not (_loops(G, first, end_null, stk, sen, d, x, sl, anchor, 0x65, tmp)
-            or _loops(G, first, end_null, stk, sen, d, x, sl, anchor, 0x20, tmp)
-            or _loops(G, first, end_null, stk, sen, d, x, sl, anchor, 0x30, tmp)):
-        return False, False  # cheap test first: a counter or a structure never loops on these
+    if not (_loops(G, K, first, end_null, stk, sen, d, x, sl, anchor, 0x65, tmp)
+            or _loops(G, K, first, end_null, stk, sen, d, x, sl, anchor, 0x20, tmp)
+            or _loops(G, K, first, end_null, stk, sen, d, x, sl, anchor, 0x30, tmp)):
+        return False, False  # cheap test first: structure never loops on these
     a0 = np.uint64(0)
     a1 = np.uint64(0)
     for b in range(128):
-        if _loops(G, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
+        if _loops(G, K, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
             if b < 64:
                 a0 |= np.uint64(1) << np.uint64(b)
             else:
@@ -503,12 +599,13 @@ def _absorption(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, p
             if status != _SCANNED:
                 return True, False
             if nu == 0:
-                if not (y == x and sl2 == sl and _same_frames(stk, tmp, d, sl)):
+                if not (sl2 == sl and _same_state(G, K, x, y) and _same_frames(G, K, stk, tmp, d, sl)):
                     return True, False
                 continue
             found = False
             for q in range(n):
-                if pair_u[q] == nu and pair_top[q] == y and pair_sl[q] == sl2 and _same_frames(stk, tmp, scratch + 1 + q, sl2):
+                if (pair_u[q] == nu and pair_sl[q] == sl2 and _same_state(G, K, pair_top[q], y)
+                        and _same_frames(G, K, stk, tmp, scratch + 1 + q, sl2)):
                     found = True
                     break
             if not found:
@@ -524,30 +621,32 @@ def _absorption(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, p
 
 
 @numba.njit(**_KERNEL)
-def _absorption_memo(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl,
+def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl,
                      memo_key, memo_val, stamp, ascii_out):
-    """:func:`_absorption` through a small table keyed by the configuration (those with <= 4 frames).
+    """:func:`_absorption` through a small table keyed by the configuration's classes (<= 4 frames).
 
-    A slot belongs to this classification when its last column equals ``stamp`` (so the table
-    never needs clearing). Returns 0 (no looping ASCII), 1 (ASCII only) or 2 (ASCII and every
+    Equivalent configurations (a counter's positions far from its bound) share the slot. A slot
+    belongs to this classification when its last column equals ``stamp`` (so the table never
+    needs clearing). Returns 0 (no looping ASCII), 1 (ASCII only) or 2 (ASCII and every
     multi-byte character).
     """
     width = memo_key.shape[1]
     cacheable = sl <= width - 4
     slot = -1
     if cacheable:
-        h = (np.int64(x) * 1000003 + np.int64(anchor) * 7919 + sl) & 0x7FFFFFFF
+        cx = _class_of(G, K, x)
+        h = (cx * 1000003 + np.int64(anchor) * 7919 + sl) & 0x7FFFFFFF
         for k in range(sl):
-            h = (h * 31 + stk[d, k]) & 0x7FFFFFFF
+            h = (h * 31 + _class_of(G, K, stk[d, k])) & 0x7FFFFFFF
         mask = memo_key.shape[0] - 1
         slot = h & mask
         for _ in range(memo_key.shape[0]):
             if memo_key[slot, width - 1] != stamp:
                 break
-            same = memo_key[slot, 0] == x and memo_key[slot, 1] == anchor and memo_key[slot, 2] == sl
+            same = memo_key[slot, 0] == cx and memo_key[slot, 1] == anchor and memo_key[slot, 2] == sl
             if same:
                 for k in range(sl):
-                    if memo_key[slot, 3 + k] != stk[d, k]:
+                    if memo_key[slot, 3 + k] != _class_of(G, K, stk[d, k]):
                         same = False
                         break
             if same:
@@ -555,15 +654,15 @@ def _absorption_memo(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scrat
                 ascii_out[1] = memo_val[slot, 1]
                 return np.int64(memo_val[slot, 2])
             slot = (slot + 1) & mask
-    some, multi = _absorption(G, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
+    some, multi = _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
                               pair_sl, ascii_out)
     kind = np.int64(0 if not some else (2 if multi else 1))
     if cacheable and memo_key[slot, width - 1] != stamp:
-        memo_key[slot, 0] = x
+        memo_key[slot, 0] = _class_of(G, K, x)
         memo_key[slot, 1] = anchor
         memo_key[slot, 2] = sl
         for k in range(sl):
-            memo_key[slot, 3 + k] = stk[d, k]
+            memo_key[slot, 3 + k] = _class_of(G, K, stk[d, k])
         memo_key[slot, width - 1] = stamp
         memo_val[slot, 0] = ascii_out[0]
         memo_val[slot, 1] = ascii_out[1]
@@ -604,7 +703,7 @@ def _enter(state_final, flags, st, org, row, begin, end):
 
 
 @numba.njit(**_KERNEL)
-def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
+def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
                      trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
                      anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, pair_u,
                      pair_top, pair_sl, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr, rec_ae, out):
@@ -642,7 +741,7 @@ def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, 
     scratch = top.shape[0]
     absorb[0] = 0
     if node_hi - node_lo > _BULK_MIN:
-        absorb[0] = _absorption_memo(G, first, end_null, utf8, stk, sen, 0, s, 0, 0, scratch, pair_u, pair_top,
+        absorb[0] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, 0, s, 0, 0, scratch, pair_u, pair_top,
                                      pair_sl, memo_key, memo_val, memo_stamp, absorb_ascii[0])
     ae_cnt[0] = 0
     n_acc = 0
@@ -739,7 +838,7 @@ def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, 
         ae_cnt[d] = cnt
         absorb[d] = 0
         if top[d] >= 0 and trie_subtree[i] > _BULK_MIN:
-            absorb[d] = _absorption_memo(G, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], scratch,
+            absorb[d] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], scratch,
                                          pair_u, pair_top, pair_sl, memo_key, memo_val, memo_stamp,
                                          absorb_ascii[d])
         for k in range(trie_tok_ptr[i], trie_tok_ptr[i + 1]):
@@ -754,7 +853,8 @@ def _classify_kernel(G, flags, first, end_null, s, node_lo, node_hi, trie_byte, 
 
 
 @numba.njit(**_KERNEL)
-def _classify_bands(G, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte, trie_depth, trie_subtree,
+def _classify_bands(G, minlen, rule_end, classes, horizons, cls_dist, cls_number, cls_mark, cls_queue, cls_meta,
+                    flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte, trie_depth, trie_subtree,
                     trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta,
                     max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb,
                     absorb_ascii, pair_u, pair_top, pair_sl, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr,
@@ -764,12 +864,14 @@ def _classify_bands(G, flags, first, end_null, s, bands, node_lo, node_hi, tok_l
     Band b writes its accepted ids at ``acc[tok_lo[b]:]``, its records at ``rec_node[node_lo[b]:]``
     and ``rec_ae_ptr[node_lo[b] + b:]``, its end positions after the previous band's in ``rec_ae``;
     ``out[j]`` gets (n_acc, n_rec, n_ae, visited) of ``bands[j]``, with n_acc = -1 when that band's
-    sub-chart hit the item limit. Returns 1, or AE_FULL / GROW (call again after growing).
+    sub-chart hit the item limit. ``classes[b]`` caches the horizon classes of band b's horizon
+    (:func:`_class_of`, with the ``cls_*`` scratch). Returns 1, or AE_FULL / GROW (call again after growing).
     """
     ae_off = 0
     for j in range(bands.shape[0]):
         b = bands[j]
-        status = _classify_kernel(G, flags, first, end_null, s, node_lo[b], node_hi[b], trie_byte, trie_depth,
+        K = (minlen, rule_end, classes[b], horizons[b], cls_dist, cls_number, cls_mark, cls_queue, cls_meta)
+        status = _classify_kernel(G, K, flags, first, end_null, s, node_lo[b], node_hi[b], trie_byte, trie_depth,
                                   trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr,
                                   ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk,
                                   ae_cnt, ae_stack, absorb, absorb_ascii, pair_u, pair_top, pair_sl, memo_key, memo_val,
@@ -1029,6 +1131,7 @@ class Forest:
         self.band_tok_lo = tok_base[:-1].astype(np.int64)
         self.band_tok_hi = tok_base[1:].astype(np.int64)
         self.sorted_band_ids = [np.sort(self.trie_tok_ids[a:b]) for a, b in zip(self.band_tok_lo, self.band_tok_hi)]
+        self.horizons = np.array([hi for _, hi in self.bands], np.int64)
         self.sub_bytes, self.utf8_ok = _subtree_sets(self.trie_byte, self.trie_subtree, UTF8)
 
 
@@ -1054,6 +1157,39 @@ class StateMasks:
     @property
     def nbytes(self) -> int:
         return self.acc.nbytes + self.rec_node.nbytes + self.rec_ae_ptr.nbytes + self.rec_ae.nbytes
+
+
+@numba.njit(cache=True, nogil=True)
+def _bfs_states(G):
+    """States in BFS order from the root's start, entering a called rule at its start (int32)."""
+    rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
+    ns = state_rule.shape[0]
+    seen = np.zeros(ns, np.bool_)
+    rule_seen = np.zeros(rule_start.shape[0], np.bool_)
+    order = np.empty(ns, np.int32)
+    order[0] = rule_start[root]
+    seen[rule_start[root]] = True
+    rule_seen[root] = True
+    n = 1
+    i = 0
+    while i < n:
+        s = order[i]
+        i += 1
+        for e in range(edge_ptr[s], edge_ptr[s + 1]):
+            r = edge_rule[e]
+            if r >= 0 and not rule_seen[r]:
+                rule_seen[r] = True
+                q = rule_start[r]
+                if not seen[q]:
+                    seen[q] = True
+                    order[n] = q
+                    n += 1
+            t = edge_target[e]
+            if not seen[t]:
+                seen[t] = True
+                order[n] = t
+                n += 1
+    return order[:n].copy()
 
 
 _SCRATCH = threading.local()
@@ -1094,6 +1230,16 @@ class _Scratch:
         self.ht_key = np.zeros(256, np.int64)
         self.ht_gen = np.zeros(256, np.int64)
         self.meta = np.zeros(3, np.int64)
+        self.cls_meta = np.zeros(1, np.int64)
+        self.cls_dist = self.cls_number = self.cls_mark = self.cls_queue = np.zeros(0, np.int64)
+
+    def rule_capacity(self, n: int) -> None:
+        """Make the horizon-class scratch fit rules of ``n`` states."""
+        if self.cls_dist.shape[0] < n:
+            self.cls_dist = np.zeros(n, np.int64)
+            self.cls_number = np.zeros(n, np.int64)
+            self.cls_mark = np.zeros(n, np.int64)  # stamps from cls_meta, which only grows
+            self.cls_queue = np.zeros(4 * n + 64, np.int64)
 
 
 def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
@@ -1107,23 +1253,33 @@ def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
 
 
 def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable[int], max_token_len: int,
-                   sets: tuple[np.ndarray, np.ndarray] | None = None, *, max_items_per_row: int = 50_000
-                   ) -> list[StateMasks]:
+                   sets: tuple[np.ndarray, np.ndarray] | None = None,
+                   classes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, *,
+                   max_items_per_row: int = 50_000) -> list[StateMasks]:
     """Classify the tokens of the given bands of the forest for state ``s``, one trie walk per band, one kernel call.
 
-    ``sets`` = (FIRST, end_null) from :func:`grammar_sets` (computed when not given). A band whose
-    sub-chart exceeds ``max_items_per_row`` gets a conservative entry: nothing accepted, the whole
-    band uncertain, so the full parser decides (and raises its own limit error).
+    ``sets`` = (FIRST, end_null) from :func:`grammar_sets`; ``classes`` = (rule minimum lengths,
+    rule ends, horizon-class cache ``int64[n_bands, n_states]``, zeros when fresh) for
+    :func:`_class_of`; both are computed when not given. A band whose sub-chart exceeds
+    ``max_items_per_row`` gets a conservative entry: nothing accepted, the whole band uncertain, so
+    the full parser decides (and raises its own limit error).
     """
     t0 = time.perf_counter()
     first, end_null = sets if sets is not None else grammar_sets(G)[:2]
+    if classes is None:
+        n_states = G[2].shape[0]
+        classes = (min_lengths(G), np.append(G[0][1:], n_states).astype(np.int64),
+                   np.zeros((len(forest.bands), n_states), np.int64))
+    minlen, rule_end, cls = classes
     bands = np.array(list(bands), np.int64)
     sc = _scratch(forest, max_token_len)
+    sc.rule_capacity(int((rule_end - G[0]).max(initial=1)))
     sc.stamp += 1  # a new owner stamp for the absorption memo
     counts = np.zeros((bands.shape[0], 4), np.int64)
     while True:
         status = _classify_bands(
-            G, flags, first, end_null, np.int32(s), bands, forest.node_lo, forest.node_hi, forest.band_tok_lo,
+            G, minlen, rule_end, cls, forest.horizons, sc.cls_dist, sc.cls_number, sc.cls_mark, sc.cls_queue,
+            sc.cls_meta, flags, first, end_null, np.int32(s), bands, forest.node_lo, forest.node_hi, forest.band_tok_lo,
             forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids,
             forest.sub_bytes, forest.utf8_ok, UTF8, sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta,
             max_items_per_row, sc.top, sc.anchor, sc.entry, sc.stk_len, sc.stk, sc.sen, sc.pathb, sc.endk, sc.ae_cnt,
@@ -1468,7 +1624,8 @@ class MaskCache:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.max_items_per_row = int(max_items_per_row)
         self._keys = _Keys(g, self.G)
-        self._horizons = np.array([hi for _, hi in self.forest.bands], np.int64)
+        self._horizons = self.forest.horizons
+        self._classes = (self._keys.minlen, self._keys.rule_end, np.zeros((len(self.forest.bands), g.n_states), np.int64))
         self._combos: dict[tuple[bytes, ...], int] = {}  # band keys -> row of ent
         self._lock = threading.Lock()
         self._n_ent = 0
@@ -1484,30 +1641,7 @@ class MaskCache:
 
     def lookup_states(self) -> np.ndarray:
         """The states a mask may look up (those with an edge), in the order a decoder likely reaches them."""
-        g = self.grammar
-        seen = np.zeros(g.n_states, np.bool_)
-        rule_seen = np.zeros(g.n_rules, np.bool_)
-        start = int(g.rule_start[g.root])
-        order = [start]
-        seen[start] = True
-        rule_seen[g.root] = True
-        i = 0
-        while i < len(order):
-            s = order[i]
-            i += 1
-            for e in range(g.edge_ptr[s], g.edge_ptr[s + 1]):
-                r = int(g.edge_rule[e])
-                if r >= 0 and not rule_seen[r]:
-                    rule_seen[r] = True
-                    q = int(g.rule_start[r])
-                    if not seen[q]:
-                        seen[q] = True
-                        order.append(q)
-                t = int(g.edge_target[e])
-                if not seen[t]:
-                    seen[t] = True
-                    order.append(t)
-        order = np.array(order, np.int32)
+        order = _bfs_states(self.G)
         return order[self.flags[order] != 0]
 
     def band_keys(self, s: int) -> tuple[bytes, ...]:
@@ -1521,7 +1655,7 @@ class MaskCache:
     def _band_entries(self, s: int, keys: tuple[bytes, ...]) -> list[StateMasks]:
         return self.store.get_many(keys, lambda bands: classify_state(
             self.G, self.flags, s, self.forest, bands, self.info.max_token_len, (self.first, self.end_null),
-            max_items_per_row=self.max_items_per_row), self.cache_dir)
+            self._classes, max_items_per_row=self.max_items_per_row), self.cache_dir)
 
     def ensure(self, states: Iterable[int]) -> None:
         """Compute and register the entries of ``states`` that are missing."""
@@ -1624,8 +1758,37 @@ def _grown(a: np.ndarray, need: int) -> np.ndarray:
     return out
 
 
+# When a decoder last asked for a mask (time.monotonic()), and how many compiles are running.
+_LAST_DECODER_ACTIVITY = [0.0]
+_COMPILES = [0]
+QUIET_SECONDS = 0.002  # the worker waits until no mask was asked for during this long
+BACKOFF_SECONDS = 0.01  # and, while a decoder or compile is busy, sleeps this long between looks
+
+
+def decoder_active() -> None:
+    """Record that a decoder is asking for masks now (the background worker then stays out of its way)."""
+    _LAST_DECODER_ACTIVITY[0] = time.monotonic()
+
+
+class compiling:
+    """Context manager around a grammar compile: the background worker pauses meanwhile."""
+
+    def __enter__(self) -> None:
+        _COMPILES[0] += 1
+
+    def __exit__(self, *exc) -> None:
+        _COMPILES[0] -= 1
+        decoder_active()
+
+
 class _Worker:
-    """One daemon thread that warms up queued mask caches, a few states at a time, newest grammar first."""
+    """One daemon thread that warms up queued mask caches, one state at a time, newest grammar first.
+
+    It works only while no grammar is being compiled and no decoder has asked for a mask for
+    ``QUIET_SECONDS``: in a serving loop that is while the model runs, so the warm-up costs the
+    decoder neither a core nor the GIL; a decoder that fills masks back to back does its own
+    (lazy) work.
+    """
 
     def __init__(self) -> None:
         self._jobs: list = []  # heap of (-submission number, number, cache ref, remaining states)
@@ -1659,6 +1822,9 @@ class _Worker:
                     for _ in range(8):
                         if not states:
                             break
+                        if time.monotonic() - _LAST_DECODER_ACTIVITY[0] < QUIET_SECONDS or _COMPILES[0] > 0:
+                            time.sleep(BACKOFF_SECONDS)  # long enough not to churn the GIL
+                            continue
                         cache.ensure((states.popleft(),))
                 except Exception:  # noqa: BLE001 - warm-up is an optimization; the decoder recomputes and reports
                     states.clear()

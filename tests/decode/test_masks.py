@@ -46,6 +46,7 @@ from stencil.grammar.compiler import GrammarCompiler, bind
 from stencil.grammar.ir import (
     Alt,
     ByteClass,
+    CharClass,
     Grammar,
     GrammarBuilder,
     Lit,
@@ -394,6 +395,34 @@ def _string_grammar(prefix: str) -> Grammar:
     b.rule("str", seq(lit('"'), star(alt(ByteClass(((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7E))), lit("\\n"))), lit('"')))
     b.rule("root", seq(lit(prefix), Ref("str"), opt(seq(lit(","), Ref("str")))))
     return b.build("root")
+
+
+def test_bounded_repetitions_near_and_far_from_the_bound():
+    """Counters: positions share entries and absorb subtrees by horizon class; the bound must still cut exactly."""
+    info = tokenizer("gpt2")
+    b = GrammarBuilder()
+    char = alt(CharClass(((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x10FFFF))), seq(lit("\\"), ByteClass(((0x22, 0x22), (0x5C, 0x5C), (0x6E, 0x6E)))))
+    b.rule("char", char)
+    b.rule("chunk", Repeat(Ref("char"), 24, 24))
+    # The JSON Schema frontend's shape for a long maxLength: chunks of a counted char rule (ambiguous for 24 chars).
+    b.rule("long", seq(lit('"'), alt(seq(Repeat(Ref("chunk"), 0, 2), Repeat(Ref("char"), 0, 23)), Repeat(Ref("chunk"), 3, 3)), lit('"')))
+    b.rule("short", seq(lit("'"), Repeat(CharClass(((0x61, 0x7A), (0xE9, 0xE9))), 2, 9), lit("'")))
+    b.rule("root", seq(Ref("long"), lit(","), Ref("short")))
+    g = b.build("root")
+    m = GrammarMatcher(bind(g, info))
+    rng = random.Random(8)
+    text = '"' + "ab\\n é中" * 9 + '",' + "'" + "abcdéfgh" + "'"
+    data = text.encode()
+    cuts = sorted(set(range(0, 14)) | set(range(len(data) - 40, len(data) + 1, 3)))
+    for cut in cuts:
+        m.reset()
+        if not m.accept_bytes(data[:cut]):
+            continue  # inside a multi-byte character
+        check_state(m, rng, False)
+    m.reset()
+    assert m.accept_bytes(data) and m.is_completed()
+    m.reset()
+    assert not m.accept_bytes(('"' + "x" * 73 + '",').encode())  # past the longest alternative
 
 
 def test_entries_are_shared_across_grammars():
