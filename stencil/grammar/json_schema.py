@@ -1051,15 +1051,30 @@ class _Normalizer:
         return self.shape(self.sub_of(node, b2, p2, ctx))
 
     def one_of(self, subs: list[Sub], ptr: str) -> DNF:
-        """Exactly one branch: the union when branches are disjoint, else branch i minus the others."""
+        """Exactly one branch: per JSON kind, the union where branches are disjoint, else branch i
+        minus the others (kinds never overlap, so branches that only overlap on, say, strings do
+        not need their object parts negated)."""
         shapes = [self.shape(x) for x in subs]
+        if any(x in self.loosened for sub in subs for x in sub):
+            self.unenforceable("a loosened branch inside 'oneOf' cannot be negated exactly", ptr)
+            return _join_dnf(*shapes)
         parts = []
-        for i, d in enumerate(shapes):
-            for j, other in enumerate(shapes):
-                if i != j and d and not self.disjoint(d, other):
-                    d = _meet_dnf(d, self.shape(self.neg_sub(subs[j], ptr)), ptr)
-            parts.append(d)
+        for kind in KINDS:
+            local = [tuple(x for x in (_tidy(c.only(kind)) for c in d) if x is not None) for d in shapes]
+            for i, d in enumerate(local):
+                for j, other in enumerate(local):
+                    if i != j and d and other and not self.disjoint(d, other):
+                        d = _meet_dnf(d, self.negate_dnf(other, ptr), ptr)
+                parts.append(d)
         return _join_dnf(*parts)
+
+    def negate_dnf(self, d: DNF, ptr: str) -> DNF:
+        out: DNF = (TOP,)
+        for c in d:
+            out = _meet_dnf(out, self.neg_conj(c, ptr), ptr)
+            if not out:
+                break
+        return out
 
     # -- negation -----------------------------------------------------------------------------
 
@@ -1072,12 +1087,7 @@ class _Normalizer:
             # The operand is a superset, so its complement would be a subset: give up on the 'not'.
             self.unenforceable("a loosened schema inside 'not' (or a oneOf/if) cannot be negated", ptr)
             return (TOP,)
-        out: DNF = (TOP,)
-        for c in d:
-            out = _meet_dnf(out, self.neg_conj(c, ptr), ptr)
-            if not out:
-                break
-        return out
+        return self.negate_dnf(d, ptr)
 
     def neg_conj(self, c: Conj, ptr: str) -> DNF:
         """The complement of one alternative as pairwise disjoint alternatives.
