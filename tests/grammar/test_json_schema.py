@@ -433,3 +433,37 @@ def test_ebnf_printout_round_trips():
     g2 = ebnf_to_grammar(g.to_ebnf())
     for v in [{"n": 3}, {"n": 2}, {"n": 4, "s": "ab"}, {"n": 4, "s": "ba"}, {"n": 4, "x": [1, 2]}, {"n": 4, "x": [1, 2, 3]}]:
         assert accepts(g, v) == accepts(g2, v) == valid(schema, v)
+
+
+def _mutate(node, rng: random.Random, junk_values: list):
+    """A copy of a schema with a few random subtrees replaced, keys dropped or values retyped."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            r = rng.random()
+            if r < 0.03:
+                continue
+            out[k] = rng.choice(junk_values) if r < 0.08 else _mutate(v, rng, junk_values)
+        return out
+    if isinstance(node, list):
+        return [_mutate(v, rng, junk_values) for v in node if rng.random() > 0.03]
+    return rng.choice(junk_values) if rng.random() < 0.05 else node
+
+
+def test_mutated_real_schemas_raise_only_typed_errors():
+    from tests.conftest import jsonschemabench_records
+
+    records = [r for r in jsonschemabench_records("Handwritten") + jsonschemabench_records("Github_easy")[:40]
+               if len(json.dumps(r["schema"])) < 20_000]
+    junk_values = [None, True, False, -1, 0, 1.5, 10**12, "", "x", "#/nowhere", "^(", [], [1, "a"], {}, {"type": 3},
+                   {"$ref": "#"}, {"minimum": "a"}, {"enum": []}, {"pattern": "(?<=a)b"}]
+    rng = random.Random(1234)
+    for r in records[:60]:
+        for _ in range(3):
+            schema = _mutate(r["schema"], rng, junk_values)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    json_schema_to_grammar(schema, lenient=rng.random() < 0.5)
+                except StencilError:
+                    pass
