@@ -332,7 +332,13 @@ def maskbench_report(split: str | None = None, limit: int | None = None, show_fa
     fails: list = []
     t0 = time.time()
     for i, r in enumerate(records):
+        n = len(fails)
+        t1 = time.time()
         per[r["split"]].update(run_record(r, fails if show_failures else None))
+        if time.time() - t1 > 30:
+            print(f"  ... slow: {r['id']} took {time.time() - t1:.0f}s", file=sys.stderr, flush=True)
+        for f in fails[n:]:
+            print("FAIL | " + " | ".join(f), flush=True)
         if (i + 1) % 100 == 0:
             print(f"  ... {i + 1}/{len(records)} schemas, {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     total = Counter()
@@ -347,9 +353,6 @@ def maskbench_report(split: str | None = None, limit: int | None = None, show_fa
     print(f"{'TOTAL':24} {c['schemas']:7d} {c['compiled']:8d} {c['compiled'] / max(c['schemas'], 1):7.1%} "
           f"{c['valid']:6d} {c['valid_rejected']:8d} {c['invalid']:7d} {c['invalid_accepted']:8d} {c['search_budget']:6d}")
     print(f"compile time: {c['compile_ms'] / 1000:.1f}s total; wall {time.time() - t0:.0f}s")
-    if show_failures:
-        for f in fails:
-            print(" | ".join(f))
     return per
 
 
