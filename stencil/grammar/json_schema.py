@@ -30,7 +30,7 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Iterable
@@ -41,17 +41,14 @@ from stencil.grammar import json_lex as lx
 from stencil.grammar.ir import (
     EMPTY,
     NOTHING,
-    Alt,
     Automaton,
     ByteClass,
     CharClass,
     Expr,
     Grammar,
     GrammarBuilder,
-    Lit,
     Ref,
     Repeat,
-    Seq,
     alt,
     lit,
     opt,
@@ -1965,7 +1962,7 @@ class _Compiler(_Normalizer):
                     return NOTHING
                 continue
             variants = [(self.member_expr(name, sub, len(declared)), 0)]
-            for j, (spec, esub, d) in enumerate(exists):
+            for j, (_, esub, d) in enumerate(exists):
                 if d.accepts(name) and self.shape(sub | esub):
                     variants.append((self.member_expr(name, sub | esub, len(declared)), 1 << j))
             members.append((name, variants, req))
@@ -1977,7 +1974,7 @@ class _Compiler(_Normalizer):
                 # Undeclared members cannot be told apart: {"x": 1, "x": 2} would count as two.
                 self.unenforceable("'minProperties' >= 2 on an object that allows undeclared properties cannot be "
                                    "enforced exactly (a repeated name would count twice)", o.min_ptr)
-        for j, (spec, esub, d) in enumerate(exists):
+        for j, (spec, esub, _) in enumerate(exists):
             witness = self.extra_member(o, declared, (spec, esub))
             if witness is not None:
                 extras.append((witness, 1 << j))

@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stencil.decode.parser import Recognizer, grammar_accepts
