@@ -353,8 +353,9 @@ class Recognizer:
 
     def _grow(self) -> None:
         """Make room after a GROW status: more item storage, a larger hash table, more rows."""
+        # A mask walk may stop with the row count at the end of row_ptr (that is why it asked).
         n = int(self._meta[0])
-        used = int(self._row_ptr[n])
+        used = int(self._row_ptr[min(n, self._row_ptr.shape[0] - 1)])
         grew = False
         if used + min(self._ht_key.shape[0] // 2, self.max_items_per_row) >= self._st.shape[0]:
             self._st = _with_capacity(self._st, 2 * self._st.shape[0])

@@ -123,3 +123,14 @@ def test_pathological_ambiguity_hits_the_limit_with_a_clear_error():
         r.accept_bytes(b"a" * 500)
     # The failed call left the state usable and unchanged.
     assert r.num_bytes == 0 and r.accept_bytes(b"aa") and r.is_accepting()
+
+
+def test_grow_when_the_row_array_is_exactly_full():
+    """A kernel may report GROW with the row count at the very end of row_ptr; growing must cope."""
+    b = GrammarBuilder()
+    b.rule("root", lit("x" * 2000))
+    r = Recognizer(b.build())
+    assert r.accept_bytes(b"x" * (r._row_ptr.shape[0] - 1))
+    r._meta[0] = r._row_ptr.shape[0]  # as a walk that pushed one row past the end leaves it
+    r._grow()
+    assert r._row_ptr.shape[0] > int(r._meta[0]) + 1
