@@ -1740,46 +1740,31 @@ class _Compiler(_Normalizer):
     def segmented_body(self, a: tuple, lo: int, hi: int) -> Expr:
         """A hostname-like format (labels joined by '.') with its total length within lo..hi.
 
-        The product of the label automaton with a length counter has ~24k states; instead, rule
-        ``host_t`` reads one label when t characters precede it and calls ``host_(t+len+1)`` after
-        each dot, so every rule stays as small as the label automaton.
+        The product of the label automaton with a length counter has ~24k states. Instead, rule
+        ``host_t`` (t characters precede the label) reads a label of some exact length l (a shared
+        rule ``label_l``) and continues with ``next_(t+l)``: the end, or a dot and ``host_(t+l+1)``.
+        Every rule stays small, and ``host_t`` refers to rules only.
         """
         from stencil.grammar import json_formats
 
         label_dfa = _label_dfa(a[1])
         spell = lru_cache(maxsize=None)(self.char_label(False))
         dot = spell(((ord(json_formats.SEGMENT_SEPARATOR),) * 2,))
+        longest = (lx.length_bounds(label_dfa) or (0, 0))[1] or hi
 
-        def rule(t: int) -> Expr:
-            return self.lazy_rule(("segment", a[1], t, lo, hi), "host", lambda: body(t))
+        def label(n: int) -> Expr:
+            return self.lazy_rule(("label", a[1], n), "label",
+                                  lambda: lx.dfa_to_expr(lx.with_length(label_dfa, n, n), spell))
 
-        def body(t: int) -> Expr:
-            index = {(0, 0): 0}
-            order = [(0, 0)]
-            edges: list[tuple[int, Expr, int]] = []
-            END = -1
-            i = 0
-            while i < len(order):
-                s, n = order[i]
-                src = i
-                i += 1
-                if n >= 1 and label_dfa.final[s]:
-                    if t + n >= lo:
-                        edges.append((src, EMPTY, END))
-                    if t + n + 2 <= hi:
-                        edges.append((src, seq(dot, rule(t + n + 1)), END))
-                if t + n + 1 > hi:
-                    continue
-                for rlo, rhi, s2 in label_dfa.trans[s]:
-                    key = (s2, n + 1)
-                    if key not in index:
-                        index[key] = len(order)
-                        order.append(key)
-                    edges.append((src, spell(((rlo, rhi),)), index[key]))
-            k = len(order)
-            return Automaton(k + 1, tuple((p, x, k if q == END else q) for p, x, q in edges), (k,))
+        def host(t: int) -> Expr:
+            return self.lazy_rule(("host", a[1], t, lo, hi), "host", lambda: alt(*(
+                seq(label(n), after(t + n)) for n in range(1, min(longest, hi - t) + 1))))
 
-        return rule(0) if hi >= 1 else NOTHING
+        def after(m: int) -> Expr:
+            return self.lazy_rule(("after", a[1], m, lo, hi), "next", lambda: alt(
+                *([EMPTY] if m >= lo else []), *([seq(dot, host(m + 1))] if m + 2 <= hi else [])))
+
+        return host(0) if hi >= 1 else NOTHING
 
     def char_label(self, big: bool) -> Callable[[lx.Ranges], Expr]:
         """Spellings of one character class in a constrained string (key, const, pattern, format).
