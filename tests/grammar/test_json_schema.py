@@ -467,3 +467,80 @@ def test_mutated_real_schemas_raise_only_typed_errors():
                     json_schema_to_grammar(schema, lenient=rng.random() < 0.5)
                 except StencilError:
                     pass
+
+
+# ----------------------------------------------------------------------------------------------
+# format against independent reference implementations
+# ----------------------------------------------------------------------------------------------
+
+
+def _ref_ipv4(s: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv4Address(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _ref_ipv6(s: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(s)
+    except ValueError:
+        return False
+    return "%" not in s  # zone ids are not part of RFC 4291 text addresses
+
+
+def _ref_date(s: str) -> bool:
+    import datetime
+    import re
+
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", s):
+        return False
+    try:
+        datetime.date.fromisoformat(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _ref_hostname(s: str) -> bool:
+    import re
+
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    return len(s) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*", s) is not None
+
+
+FORMAT_GRAMMARS: dict = {}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["ipv4", "ipv6", "date", "hostname"]), st.data())
+def test_formats_against_reference_checkers(fmt, data):
+    alphabet = {"ipv4": "0123456789.", "ipv6": "0123456789abcdefABCDEF:.", "date": "0123456789-",
+                "hostname": "ab0-."}[fmt]
+    if fmt == "date":
+        s = data.draw(st.from_regex(r"[0-9]{4}-[01][0-9]-[0-3][0-9]", fullmatch=True) | st.text(alphabet, max_size=12))
+        if s.startswith("0000"):
+            s = "1" + s[1:]  # Python's datetime has no year 0, RFC 3339 does
+    elif fmt == "ipv4":
+        s = data.draw(st.from_regex(r"[0-9]{1,3}(\.[0-9]{1,3}){3}", fullmatch=True) | st.text(alphabet, max_size=16))
+    elif fmt == "ipv6":
+        s = data.draw(st.ip_addresses(v=6).map(str) | st.text(alphabet, max_size=20)
+                      | st.ip_addresses(v=6).map(lambda a: a.exploded))
+    else:
+        s = data.draw(st.text(alphabet, max_size=12) | st.from_regex(r"[a0]{60,66}(\.[a0-]{1,3})?", fullmatch=True))
+    ref = {"ipv4": _ref_ipv4, "ipv6": _ref_ipv6, "date": _ref_date, "hostname": _ref_hostname}[fmt]
+    if fmt not in FORMAT_GRAMMARS:
+        FORMAT_GRAMMARS[fmt] = json_schema_to_grammar({"type": "string", "format": fmt})
+    assert accepts(FORMAT_GRAMMARS[fmt], s) == ref(s), (fmt, s)
+
+
+def test_hostname_length_limits():
+    g = json_schema_to_grammar({"type": "string", "format": "hostname"})
+    for s in ["a" * 63, "a" * 64, ".".join(["a" * 63] * 3 + ["a" * 61]), ".".join(["a" * 63] * 3 + ["a" * 62]),
+              ".".join(["ab"] * 84) + ".a", ".".join(["ab"] * 85), "a-b.c", "-a", "a.", ""]:
+        assert accepts(g, s) == _ref_hostname(s), (len(s), s[:20])
