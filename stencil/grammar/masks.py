@@ -83,11 +83,13 @@ __all__ = [
     "ACC_COMPLEMENT",
     "HAS_BYTES",
     "HAS_RULES",
+    "Forest",
     "StateMasks",
     "MaskStore",
     "MaskCache",
     "mask_store",
     "decoder_active",
+    "compiling",
     "classify_state",
     "state_flags",
     "grammar_sets",
@@ -104,7 +106,7 @@ ACC_LIST = 1  # sorted accepted ids
 ACC_BITS = 2  # a bitset row (uint32 words)
 ACC_COMPLEMENT = 3  # sorted ids of the text tokens that are NOT accepted
 
-AE_FULL = -10  # _classify_kernel: the after-end byte buffer is full
+AE_FULL = -10  # _classify_kernel: the end-position buffer is full
 
 # Bump when the classification or the entry format changes: it is part of every cache key.
 _FORMAT_VERSION = 2
