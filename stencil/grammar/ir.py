@@ -27,11 +27,14 @@ bytes only, and surrogates (U+D800..U+DFFF) can never be produced.
 
 from __future__ import annotations
 
-import bisect
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 import numpy as np
+from numba import njit
 
 from stencil.errors import GrammarError
 
@@ -297,18 +300,6 @@ def utf8_ranges(ranges: Iterable[tuple[int, int]]) -> list[list[tuple[int, int]]
 _EPS = -2
 
 
-class _NFA:
-    def __init__(self) -> None:
-        self.edges: list[list[tuple[int, int, int, int]]] = []
-
-    def new(self) -> int:
-        self.edges.append([])
-        return len(self.edges) - 1
-
-    def add(self, s: int, lo: int, hi: int, rule: int, t: int) -> None:
-        self.edges[s].append((lo, hi, rule, t))
-
-
 @dataclass
 class GrammarLimits:
     """Bounds on grammar construction, so a pathological grammar fails clearly instead of stalling."""
@@ -318,16 +309,83 @@ class GrammarLimits:
 
 
 class _Lowering:
-    def __init__(self, rule_ids: dict[str, int], limits: GrammarLimits) -> None:
-        self.rule_ids = rule_ids
+    """Lowers one rule body to an NFA, with rule references and special tokens numbered locally.
+
+    Local numbering (first use in the expression) makes the result a function of the expression
+    alone, so identical bodies in any grammar share one automaton (see :func:`_rule_automaton`).
+    """
+
+    def __init__(self, limits: GrammarLimits) -> None:
+        self.refs: dict[str, int] = {}
         self.specials: list[str] = []
         self.limits = limits
         self.nfa = _NFA()
+        # (continuation byte ranges, target) -> the state that reads them: UTF-8 paths of every
+        # character class that end in the same state share their tails, which keeps the subset
+        # construction from making one copy of each tail per source state.
+        self._tails: dict[tuple, int] = {}
 
     def lower(self, e: Expr, s: int) -> int:
-        """Add ``e`` starting at state s; return its end state."""
+        """Add ``e`` starting at state s; return its end state (a state with no outgoing edges yet)."""
+        if isinstance(e, (Lit, Seq, Repeat, Automaton)):
+            return self._lower_open(e, s)
+        t = self.nfa.new()
+        self.lower_into(e, s, t)
+        return t
+
+    def lower_into(self, e: Expr, s: int, t: int) -> None:
+        """Add ``e`` as paths from s to the existing state t, adding edges into t but none out of it.
+
+        Like :meth:`lower`, this never adds an edge into s, so expressions lowered from one state
+        (alternatives, automaton edges) can share it.
+        """
         nfa = self.nfa
-        if len(nfa.edges) > self.limits.max_nfa_states:
+        if isinstance(e, ByteClass):
+            for lo, hi in normalize_ranges(e.ranges):
+                nfa.add(s, lo, hi, -1, t)
+        elif isinstance(e, CharClass):
+            for path in _utf8_paths(e.ranges):
+                lo, hi = path[0]
+                nfa.add(s, lo, hi, -1, self._tail(path[1:], t))
+        elif isinstance(e, Alt):
+            for o in e.options:
+                self.lower_into(o, s, t)
+        elif isinstance(e, Ref):
+            nfa.add(s, 0, 0, self.refs.setdefault(e.name, len(self.refs)), t)
+        elif isinstance(e, Special):
+            if e.name not in self.specials:
+                self.specials.append(e.name)
+            sym = 256 + self.specials.index(e.name)
+            nfa.add(s, sym, sym, -1, t)
+        elif isinstance(e, Lit) and len(e.data) == 1:
+            nfa.add(s, e.data[0], e.data[0], -1, t)
+        elif (isinstance(e, Lit) and not e.data) or (isinstance(e, Seq) and not e.items):
+            nfa.add(s, 0, 0, _EPS, t)
+        elif isinstance(e, Seq):
+            for it in e.items[:-1]:
+                s = self.lower(it, s)
+            self.lower_into(e.items[-1], s, t)
+        elif isinstance(e, Lit):
+            self.lower_into(Lit(e.data[-1:]), self._lower_open(Lit(e.data[:-1]), s), t)
+        elif isinstance(e, (Repeat, Automaton)):
+            nfa.add(self._lower_open(e, s), 0, 0, _EPS, t)
+        else:
+            raise TypeError(f"not a grammar expression: {e!r}")
+
+    def _tail(self, path: tuple[tuple[int, int], ...], t: int) -> int:
+        if not path:
+            return t
+        key = (path, t)
+        q = self._tails.get(key)
+        if q is None:
+            q = self.nfa.new()
+            self.nfa.add(q, path[0][0], path[0][1], -1, self._tail(path[1:], t))
+            self._tails[key] = q
+        return q
+
+    def _lower_open(self, e: Expr, s: int) -> int:
+        nfa = self.nfa
+        if nfa.n > self.limits.max_nfa_states:
             raise GrammarError(
                 f"grammar too large: more than {self.limits.max_nfa_states} automaton states "
                 "(a very large bounded repetition?)"
@@ -338,31 +396,10 @@ class _Lowering:
                 nfa.add(s, b, b, -1, t)
                 s = t
             return s
-        if isinstance(e, ByteClass):
-            t = nfa.new()
-            for lo, hi in normalize_ranges(e.ranges):
-                nfa.add(s, lo, hi, -1, t)
-            return t
-        if isinstance(e, CharClass):
-            t = nfa.new()
-            for path in utf8_ranges(e.ranges):
-                cur = s
-                for i, (lo, hi) in enumerate(path):
-                    nxt = t if i == len(path) - 1 else nfa.new()
-                    nfa.add(cur, lo, hi, -1, nxt)
-                    cur = nxt
-            return t
         if isinstance(e, Seq):
             for it in e.items:
                 s = self.lower(it, s)
             return s
-        if isinstance(e, Alt):
-            t = nfa.new()
-            for o in e.options:
-                a = nfa.new()
-                nfa.add(s, 0, 0, _EPS, a)
-                nfa.add(self.lower(o, a), 0, 0, _EPS, t)
-            return t
         if isinstance(e, Repeat):
             if e.lo < 0 or (e.hi is not None and e.hi < e.lo):
                 raise GrammarError(f"bad repetition bounds {{{e.lo},{e.hi}}}")
@@ -372,8 +409,7 @@ class _Lowering:
                 # s --eps--> a --body--> b --eps--> a ; a is the exit.
                 a = nfa.new()
                 nfa.add(s, 0, 0, _EPS, a)
-                b = self.lower(e.body, a)
-                nfa.add(b, 0, 0, _EPS, a)
+                self.lower_into(e.body, a, a) if _single_step(e.body) else nfa.add(self.lower(e.body, a), 0, 0, _EPS, a)
                 return a
             end = nfa.new()
             for _ in range(e.hi - e.lo):
@@ -387,230 +423,585 @@ class _Lowering:
             nfa.add(s, 0, 0, _EPS, nodes[0])
             end = nfa.new()
             for p, label, q in e.edges:
-                nfa.add(self.lower(label, nodes[p]), 0, 0, _EPS, nodes[q])
+                self.lower_into(label, nodes[p], nodes[q])
             for f in e.finals:
                 nfa.add(nodes[f], 0, 0, _EPS, end)
             return end
-        if isinstance(e, Special):
-            if e.name not in self.specials:
-                self.specials.append(e.name)
-            sym = 256 + self.specials.index(e.name)
-            t = nfa.new()
-            nfa.add(s, sym, sym, -1, t)
-            return t
-        if isinstance(e, Ref):
-            if e.name not in self.rule_ids:
-                raise GrammarError(f"reference to undefined rule {e.name!r}")
-            t = nfa.new()
-            nfa.add(s, 0, 0, self.rule_ids[e.name], t)
-            return t
         raise TypeError(f"not a grammar expression: {e!r}")
 
 
-def _eps_closure(nfa: _NFA, states: Iterable[int]) -> frozenset[int]:
-    seen = set(states)
-    stack = list(seen)
-    while stack:
-        s = stack.pop()
-        for lo, hi, rule, t in nfa.edges[s]:
-            if rule == _EPS and t not in seen:
-                seen.add(t)
-                stack.append(t)
-    return frozenset(seen)
+def _single_step(e: Expr) -> bool:
+    """Whether every path of ``e`` is one edge (a class, reference, special, or one byte), so it can loop on a state."""
+    if isinstance(e, Alt):
+        return all(_single_step(o) for o in e.options)
+    return isinstance(e, (ByteClass, CharClass, Ref, Special)) or (isinstance(e, Lit) and len(e.data) == 1)
 
 
-@dataclass
+@lru_cache(maxsize=4096)
+def _utf8_paths(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    return tuple(tuple(p) for p in utf8_ranges(ranges))
+
+
+class _NFA:
+    """An NFA under construction, as flat edge lists (source, lo, hi, rule, target)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.src: list[int] = []
+        self.lo: list[int] = []
+        self.hi: list[int] = []
+        self.rule: list[int] = []
+        self.tgt: list[int] = []
+
+    def new(self) -> int:
+        self.n += 1
+        return self.n - 1
+
+    def add(self, s: int, lo: int, hi: int, rule: int, t: int) -> None:
+        self.src.append(s)
+        self.lo.append(lo)
+        self.hi.append(hi)
+        self.rule.append(rule)
+        self.tgt.append(t)
+
+    def csr(self) -> tuple[np.ndarray, ...]:
+        """(ptr, lo, hi, rule, target): the edges grouped by source state, in insertion order."""
+        src = np.array(self.src, np.int64)
+        order = np.argsort(src, kind="stable")
+        ptr = np.zeros(self.n + 1, np.int64)
+        np.cumsum(np.bincount(src, minlength=self.n), out=ptr[1:])
+        return (ptr, *(np.array(x, np.int64)[order] for x in (self.lo, self.hi, self.rule, self.tgt)))
+
+
+@dataclass(frozen=True)
 class _RuleAutomaton:
-    """One rule's epsilon-free automaton with local state numbers; state 0 is the start."""
+    """One rule's epsilon-free automaton with local state numbers; state 0 is the start.
 
-    final: list[bool]
-    edges: list[list[tuple[int, int, int, int]]]  # (lo, hi, rule, target); rule -1 = byte edge
+    CSR arrays like :class:`Grammar`'s: ``final[s]``, edges ``ptr[s]..ptr[s+1]`` with ``lo``, ``hi``,
+    ``rule`` (-1: byte edge) and ``target``; byte edges first, sorted by ``lo``.
+    """
+
+    final: np.ndarray
+    ptr: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    rule: np.ndarray
+    target: np.ndarray
+
+    @property
+    def n_states(self) -> int:
+        return int(self.final.shape[0])
 
 
-def _determinize(nfa: _NFA, start: int, end: int, max_states: int) -> _RuleAutomaton | None:
-    """Subset construction over bytes and rule references; None if it grows past max_states."""
-    init = _eps_closure(nfa, [start])
-    index = {init: 0}
-    order = [init]
-    final: list[bool] = []
-    edges: list[list[tuple[int, int, int, int]]] = []
+def _determinize_minimize(nfa: _NFA, start: int, end: int, max_states: int) -> _RuleAutomaton | None:
+    """The minimal DFA (states in canonical BFS order) of the NFA from ``start`` to ``end``.
+
+    None if the subset construction grows past ``max_states`` states.
+    """
+    ok, final, ptr, lo, hi, rule, tgt = _subset_dfa(*nfa.csr(), start, end, max_states)
+    if not ok:
+        return None
+    return _RuleAutomaton(*(a.astype(np.int32) if a.dtype != np.uint8 else a
+                            for a in minimal_dfa(final, ptr, lo, hi, rule, tgt)))
+
+
+@njit(cache=True, nogil=True)
+def _grown(a, need):
+    if need <= a.shape[0]:
+        return a
+    out = np.empty(max(need, 2 * a.shape[0]), a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _closure(seeds, ptr, rule, tgt, stamp, gen, stack, out):
+    """Epsilon closure of ``seeds`` into ``out`` (unsorted); returns its size. ``stamp[q] == gen`` marks members."""
+    k = 0
+    sp = 0
+    for q in seeds:
+        if stamp[q] != gen:
+            stamp[q] = gen
+            out[k] = q
+            k += 1
+            stack[sp] = q
+            sp += 1
+    while sp > 0:
+        sp -= 1
+        q = stack[sp]
+        for e in range(ptr[q], ptr[q + 1]):
+            if rule[e] == -2:
+                t = tgt[e]
+                if stamp[t] != gen:
+                    stamp[t] = gen
+                    out[k] = t
+                    k += 1
+                    stack[sp] = t
+                    sp += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _intern(members, pool, n_pool, offs, n_sets, table, hashes):
+    """The id of the state set ``members`` (sorted), adding it if new; returns the id and the grown stores."""
+    k = members.shape[0]
+    h = np.int64(1469598103934665603)
+    for q in members:
+        h = (h ^ q) * np.int64(1099511628211)
+    mask = table.shape[0] - 1
+    j = h & mask
+    while table[j] >= 0:
+        c = table[j]
+        if hashes[c] == h and offs[c + 1] - offs[c] == k:
+            same = True
+            base = offs[c]
+            for i in range(k):
+                if pool[base + i] != members[i]:
+                    same = False
+                    break
+            if same:
+                return c, pool, n_pool, offs, n_sets, table, hashes
+        j = (j + 1) & mask
+    c = n_sets
+    pool = _grown(pool, n_pool + k)
+    pool[n_pool:n_pool + k] = members
+    n_pool += k
+    offs = _grown(offs, c + 2)
+    offs[c + 1] = n_pool
+    hashes = _grown(hashes, c + 1)
+    hashes[c] = h
+    n_sets += 1
+    table[j] = c
+    if 2 * n_sets > table.shape[0]:
+        table = np.full(2 * table.shape[0], -1, np.int64)
+        mask = table.shape[0] - 1
+        for x in range(n_sets):
+            j = hashes[x] & mask
+            while table[j] >= 0:
+                j = (j + 1) & mask
+            table[j] = x
+    return c, pool, n_pool, offs, n_sets, table, hashes
+
+
+@njit(cache=True, nogil=True)
+def _subset_dfa(nptr, nlo, nhi, nrule, ntgt, start, end, max_states):
+    """Subset construction over byte ranges (cut at every range boundary) and rule references.
+
+    Returns (ok, final, ptr, lo, hi, rule, target); ok is False past ``max_states`` states. Each
+    state's byte edges come first, sorted and with adjacent ranges to one target merged, then one
+    edge per referenced rule in rule order.
+    """
+    n_nfa = nptr.shape[0] - 1
+    n_edges = nlo.shape[0]
+    stamp = np.zeros(n_nfa, np.int64)
+    gen = 1
+    stack = np.empty(n_nfa, np.int64)
+    buf = np.empty(n_nfa, np.int64)
+    pool = np.empty(1024, np.int64)
+    offs = np.zeros(256, np.int64)
+    hashes = np.empty(256, np.int64)
+    table = np.full(512, -1, np.int64)
+    n_pool = 0
+    n_sets = 0
+    blo = np.empty(n_edges, np.int64)
+    bhi = np.empty(n_edges, np.int64)
+    btg = np.empty(n_edges, np.int64)
+    rr = np.empty(n_edges, np.int64)
+    rt = np.empty(n_edges, np.int64)
+    final = np.zeros(256, np.uint8)
+    ptr = np.zeros(257, np.int64)
+    olo = np.empty(1024, np.int64)
+    ohi = np.empty(1024, np.int64)
+    orule = np.empty(1024, np.int64)
+    otgt = np.empty(1024, np.int64)
+    n_out = 0
+    seed = np.empty(1, np.int64)
+    seed[0] = start
+    k = _closure(seed, nptr, nrule, ntgt, stamp, gen, stack, buf)
+    c, pool, n_pool, offs, n_sets, table, hashes = _intern(np.sort(buf[:k]), pool, n_pool, offs, n_sets, table, hashes)
     i = 0
-    while i < len(order):
-        cur = order[i]
+    while i < n_sets:
+        members = pool[offs[i]:offs[i + 1]].copy()
+        final = _grown(final, i + 1)
+        j = np.searchsorted(members, end)
+        final[i] = 1 if j < members.shape[0] and members[j] == end else 0
+        nb = 0
+        nr = 0
+        for q in members:
+            for e in range(nptr[q], nptr[q + 1]):
+                if nrule[e] == -1:
+                    blo[nb] = nlo[e]
+                    bhi[nb] = nhi[e]
+                    btg[nb] = ntgt[e]
+                    nb += 1
+                elif nrule[e] >= 0:
+                    rr[nr] = nrule[e]
+                    rt[nr] = ntgt[e]
+                    nr += 1
+        first_byte_edge = n_out
+        if nb > 0:
+            cuts = np.unique(np.concatenate((blo[:nb], bhi[:nb] + 1)))
+            nc = cuts.shape[0]
+            k0 = np.searchsorted(cuts, blo[:nb])
+            k1 = np.searchsorted(cuts, bhi[:nb] + 1)
+            off = np.zeros(nc + 1, np.int64)
+            for x in range(nb):
+                for kk in range(k0[x], k1[x]):
+                    off[kk + 1] += 1
+            for kk in range(nc):
+                off[kk + 1] += off[kk]
+            fill = off[:-1].copy()
+            bucket = np.empty(off[nc], np.int64)
+            for x in range(nb):
+                for kk in range(k0[x], k1[x]):
+                    bucket[fill[kk]] = btg[x]
+                    fill[kk] += 1
+            for kk in range(nc - 1):
+                if off[kk + 1] == off[kk]:
+                    continue
+                gen += 1
+                k = _closure(bucket[off[kk]:off[kk + 1]], nptr, nrule, ntgt, stamp, gen, stack, buf)
+                c, pool, n_pool, offs, n_sets, table, hashes = _intern(
+                    np.sort(buf[:k]), pool, n_pool, offs, n_sets, table, hashes)
+                if n_sets > max_states:
+                    return False, final[:0], ptr[:0], olo[:0], ohi[:0], orule[:0], otgt[:0]
+                if n_out > first_byte_edge and otgt[n_out - 1] == c and ohi[n_out - 1] + 1 == cuts[kk]:
+                    ohi[n_out - 1] = cuts[kk + 1] - 1
+                    continue
+                olo = _grown(olo, n_out + 1)
+                ohi = _grown(ohi, n_out + 1)
+                orule = _grown(orule, n_out + 1)
+                otgt = _grown(otgt, n_out + 1)
+                olo[n_out] = cuts[kk]
+                ohi[n_out] = cuts[kk + 1] - 1
+                orule[n_out] = -1
+                otgt[n_out] = c
+                n_out += 1
+        if nr > 0:
+            order = np.argsort(rr[:nr], kind="mergesort")
+            a = 0
+            while a < nr:
+                b = a
+                while b < nr and rr[order[b]] == rr[order[a]]:
+                    b += 1
+                gen += 1
+                k = _closure(rt[order[a:b]], nptr, nrule, ntgt, stamp, gen, stack, buf)
+                c, pool, n_pool, offs, n_sets, table, hashes = _intern(
+                    np.sort(buf[:k]), pool, n_pool, offs, n_sets, table, hashes)
+                if n_sets > max_states:
+                    return False, final[:0], ptr[:0], olo[:0], ohi[:0], orule[:0], otgt[:0]
+                olo = _grown(olo, n_out + 1)
+                ohi = _grown(ohi, n_out + 1)
+                orule = _grown(orule, n_out + 1)
+                otgt = _grown(otgt, n_out + 1)
+                olo[n_out] = 0
+                ohi[n_out] = 0
+                orule[n_out] = rr[order[a]]
+                otgt[n_out] = c
+                n_out += 1
+                a = b
+        ptr = _grown(ptr, i + 2)
+        ptr[i + 1] = n_out
         i += 1
-        final.append(end in cur)
-        # Byte transitions: split the byte axis at every range boundary.
-        bounds = set()
-        by_rule: dict[int, set[int]] = {}
-        byte_edges = []
-        for s in cur:
-            for lo, hi, rule, t in nfa.edges[s]:
-                if rule == -1:
-                    byte_edges.append((lo, hi, t))
-                    bounds.add(lo)
-                    bounds.add(hi + 1)
-                elif rule >= 0:
-                    by_rule.setdefault(rule, set()).add(t)
-        out: list[tuple[int, int, int, int]] = []
-        cuts = sorted(bounds)
-        for a, b in zip(cuts, cuts[1:]):
-            targets = [t for lo, hi, t in byte_edges if lo <= a and b - 1 <= hi]
-            if not targets:
+    return True, final[:n_sets], ptr[:n_sets + 1], olo[:n_out], ohi[:n_out], orule[:n_out], otgt[:n_out]
+
+
+@njit(cache=True, nogil=True)
+def minimal_dfa(final, ptr, lo, hi, rule, tgt):
+    """The minimal automaton of a DFA in CSR arrays (edges ``ptr[s]..ptr[s+1]``, range edges
+    ``rule == -1`` sorted by ``lo``, then rule edges; ranges may be bytes or code points).
+
+    Trim (drop states that reach no final state, keeping the start), merge equivalent states
+    (:func:`_refine_partial_dfa`), and number the result in BFS order from the start.
+
+    The BFS order over byte-sorted edges makes the numbering canonical: equal languages give
+    equal arrays.
+    """
+    n = final.shape[0]
+    m = lo.shape[0]
+    # live states: those that reach a final state
+    in_ptr = np.zeros(n + 1, np.int64)
+    for e in range(m):
+        in_ptr[tgt[e] + 1] += 1
+    for q in range(n):
+        in_ptr[q + 1] += in_ptr[q]
+    fill = in_ptr[:-1].copy()
+    src_of = np.empty(m, np.int64)
+    for q in range(n):
+        for e in range(ptr[q], ptr[q + 1]):
+            src_of[fill[tgt[e]]] = q
+            fill[tgt[e]] += 1
+    live = np.zeros(n, np.bool_)
+    stack = np.empty(n, np.int64)
+    sp = 0
+    for q in range(n):
+        if final[q]:
+            live[q] = True
+            stack[sp] = q
+            sp += 1
+    while sp > 0:
+        sp -= 1
+        q = stack[sp]
+        for j in range(in_ptr[q], in_ptr[q + 1]):
+            p = src_of[j]
+            if not live[p]:
+                live[p] = True
+                stack[sp] = p
+                sp += 1
+    live[0] = True
+    new = np.full(n, -1, np.int64)
+    n_live = 0
+    for q in range(n):
+        if live[q]:
+            new[q] = n_live
+            n_live += 1
+    # transitions between live states, one per (state, symbol): byte ranges cut at every boundary
+    n_cut = 0
+    cuts_all = np.empty(2 * m, np.int64)
+    for e in range(m):
+        if rule[e] == -1:
+            cuts_all[n_cut] = lo[e]
+            cuts_all[n_cut + 1] = hi[e] + 1
+            n_cut += 2
+    cuts = np.unique(cuts_all[:n_cut])
+    n_t = 0
+    for q in range(n):
+        if live[q]:
+            for e in range(ptr[q], ptr[q + 1]):
+                if live[tgt[e]]:
+                    if rule[e] == -1:
+                        n_t += np.searchsorted(cuts, hi[e] + 1) - np.searchsorted(cuts, lo[e])
+                    else:
+                        n_t += 1
+    tail = np.empty(n_t, np.int64)
+    label = np.empty(n_t, np.int64)
+    head = np.empty(n_t, np.int64)
+    fin = np.zeros(n_live, np.bool_)
+    x = 0
+    for q in range(n):
+        if live[q]:
+            fin[new[q]] = final[q] != 0
+            for e in range(ptr[q], ptr[q + 1]):
+                if live[tgt[e]]:
+                    if rule[e] == -1:
+                        for kk in range(np.searchsorted(cuts, lo[e]), np.searchsorted(cuts, hi[e] + 1)):
+                            tail[x] = new[q]
+                            label[x] = kk
+                            head[x] = new[tgt[e]]
+                            x += 1
+                    else:
+                        tail[x] = new[q]
+                        label[x] = cuts.shape[0] + rule[e]
+                        head[x] = new[tgt[e]]
+                        x += 1
+    block = _refine_partial_dfa(n_live, tail, label, head, fin)
+    # BFS over blocks from the start's, reading each block's first state's edges
+    rep = np.full(n_live, -1, np.int64)
+    old_of = np.empty(n_live, np.int64)
+    for q in range(n):
+        if live[q]:
+            old_of[new[q]] = q
+    for q in range(n_live):
+        if rep[block[q]] < 0:
+            rep[block[q]] = q
+    number = np.full(n_live, -1, np.int64)
+    order = np.empty(n_live, np.int64)
+    number[block[0]] = 0
+    order[0] = block[0]
+    n_out_states = 1
+    out_final = np.zeros(n_live, np.uint8)
+    out_ptr = np.zeros(n_live + 1, np.int64)
+    out_lo = np.empty(m, np.int64)
+    out_hi = np.empty(m, np.int64)
+    out_rule = np.empty(m, np.int64)
+    out_tgt = np.empty(m, np.int64)
+    n_e = 0
+    i = 0
+    while i < n_out_states:
+        q = old_of[rep[order[i]]]
+        out_final[i] = final[q]
+        first = n_e
+        for e in range(ptr[q], ptr[q + 1]):
+            if not live[tgt[e]]:
                 continue
-            tgt = _eps_closure(nfa, targets)
-            if tgt not in index:
-                if len(order) >= max_states:
-                    return None
-                index[tgt] = len(order)
-                order.append(tgt)
-            out.append((a, b - 1, -1, index[tgt]))
-        for rule in sorted(by_rule):
-            tgt = _eps_closure(nfa, by_rule[rule])
-            if tgt not in index:
-                if len(order) >= max_states:
-                    return None
-                index[tgt] = len(order)
-                order.append(tgt)
-            out.append((0, 0, rule, index[tgt]))
-        edges.append(_merge_byte_edges(out))
-    return _RuleAutomaton(final, edges)
+            tb = block[new[tgt[e]]]
+            if number[tb] < 0:
+                number[tb] = n_out_states
+                order[n_out_states] = tb
+                n_out_states += 1
+            t = number[tb]
+            if rule[e] == -1 and n_e > first and out_rule[n_e - 1] == -1 and out_tgt[n_e - 1] == t \
+                    and out_hi[n_e - 1] + 1 == lo[e]:
+                out_hi[n_e - 1] = hi[e]
+                continue
+            out_lo[n_e] = lo[e]
+            out_hi[n_e] = hi[e]
+            out_rule[n_e] = rule[e]
+            out_tgt[n_e] = t
+            n_e += 1
+        out_ptr[i + 1] = n_e
+        i += 1
+    return (out_final[:n_out_states], out_ptr[:n_out_states + 1], out_lo[:n_e], out_hi[:n_e],
+            out_rule[:n_e], out_tgt[:n_e])
 
 
-def _merge_byte_edges(edges: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """Sort edges (byte edges by lo, then rule edges) and merge adjacent byte ranges to the same target."""
-    byte = sorted(e for e in edges if e[2] == -1)
-    rest = sorted(e for e in edges if e[2] != -1)
-    merged: list[tuple[int, int, int, int]] = []
-    for lo, hi, rule, t in byte:
-        if merged and merged[-1][3] == t and merged[-1][1] + 1 == lo:
-            merged[-1] = (merged[-1][0], hi, -1, t)
+@njit(cache=True, nogil=True)
+def _mark(e, elems, loc, set_of, first, marked, touched, n_touched):
+    """Move element e to the marked front of its set; record the set as touched."""
+    s = set_of[e]
+    i = loc[e]
+    j = first[s] + marked[s]
+    elems[i] = elems[j]
+    loc[elems[i]] = i
+    elems[j] = e
+    loc[e] = j
+    if marked[s] == 0:
+        touched[n_touched] = s
+        n_touched += 1
+    marked[s] += 1
+    return n_touched
+
+
+@njit(cache=True, nogil=True)
+def _split(n_sets, elems, set_of, first, past, marked, touched, n_touched):
+    """Split every touched set into its marked and unmarked parts; the smaller part gets the new id."""
+    while n_touched > 0:
+        n_touched -= 1
+        s = touched[n_touched]
+        j = first[s] + marked[s]
+        if j == past[s]:
+            marked[s] = 0
+            continue
+        if marked[s] <= past[s] - j:
+            first[n_sets] = first[s]
+            past[n_sets] = j
+            first[s] = j
         else:
-            merged.append((lo, hi, rule, t))
-    return merged + rest
+            past[n_sets] = past[s]
+            first[n_sets] = j
+            past[s] = j
+        for i in range(first[n_sets], past[n_sets]):
+            set_of[elems[i]] = n_sets
+        marked[s] = 0
+        marked[n_sets] = 0
+        n_sets += 1
+    return n_sets
+
+
+@njit(cache=True, nogil=True)
+def _refine_partial_dfa(n, tail, label, head, final):
+    """Valmari and Lehtinen's minimization of a partial DFA (2008): the block of every state.
+
+    Two refinable partitions, of the states ("blocks") and of the transitions ("cords", grouped by
+    label), split each other: a cord splits the blocks by which states have a transition in it, and a
+    new block splits the cords by which transitions enter it. Each element moves O(log n) times.
+    """
+    m = tail.shape[0]
+    size = max(n, m) + 1
+    marked = np.zeros(size, np.int64)
+    touched = np.zeros(size, np.int64)
+    # blocks
+    b_elems = np.arange(n)
+    b_loc = np.arange(n)
+    b_set = np.zeros(n, np.int64)
+    b_first = np.zeros(n + 1, np.int64)
+    b_past = np.zeros(n + 1, np.int64)
+    b_past[0] = n
+    n_blocks = 1 if n > 0 else 0
+    n_touched = 0
+    for q in range(n):
+        if final[q]:
+            n_touched = _mark(q, b_elems, b_loc, b_set, b_first, marked, touched, n_touched)
+    n_blocks = _split(n_blocks, b_elems, b_set, b_first, b_past, marked, touched, n_touched)
+    if m == 0:
+        return b_set
+    # cords: transitions sorted by label, one set per label
+    c_elems = np.argsort(label, kind="mergesort")
+    c_loc = np.empty(m, np.int64)
+    c_set = np.empty(m, np.int64)
+    c_first = np.zeros(m + 1, np.int64)
+    c_past = np.zeros(m + 1, np.int64)
+    n_cords = 0
+    for i in range(m):
+        t = c_elems[i]
+        if i > 0 and label[t] != label[c_elems[i - 1]]:
+            c_past[n_cords] = i
+            n_cords += 1
+            c_first[n_cords] = i
+        c_set[t] = n_cords
+        c_loc[t] = i
+    c_past[n_cords] = m
+    n_cords += 1
+    # incoming transitions of every state
+    in_ptr = np.zeros(n + 1, np.int64)
+    for t in range(m):
+        in_ptr[head[t] + 1] += 1
+    for q in range(n):
+        in_ptr[q + 1] += in_ptr[q]
+    fill = in_ptr[:-1].copy()
+    incoming = np.empty(m, np.int64)
+    for t in range(m):
+        incoming[fill[head[t]]] = t
+        fill[head[t]] += 1
+    b = 1
+    c = 0
+    while c < n_cords:
+        n_touched = 0
+        for i in range(c_first[c], c_past[c]):
+            n_touched = _mark(tail[c_elems[i]], b_elems, b_loc, b_set, b_first, marked, touched, n_touched)
+        n_blocks = _split(n_blocks, b_elems, b_set, b_first, b_past, marked, touched, n_touched)
+        c += 1
+        while b < n_blocks:
+            n_touched = 0
+            for i in range(b_first[b], b_past[b]):
+                q = b_elems[i]
+                for j in range(in_ptr[q], in_ptr[q + 1]):
+                    n_touched = _mark(incoming[j], c_elems, c_loc, c_set, c_first, marked, touched, n_touched)
+            n_cords = _split(n_cords, c_elems, c_set, c_first, c_past, marked, touched, n_touched)
+            b += 1
+    return b_set
 
 
 def _eps_free(nfa: _NFA, start: int, end: int) -> _RuleAutomaton:
-    """Epsilon removal without determinization (the fallback when subsets blow up)."""
-    reach: dict[int, int] = {}
-    order: list[int] = []
+    """Epsilon removal without determinization (the fallback when subsets blow up), trimmed."""
+    ptr, lo, hi, rule, tgt = (x.tolist() for x in nfa.csr())
 
-    def visit(s: int) -> int:
-        if s not in reach:
-            reach[s] = len(order)
-            order.append(s)
-        return reach[s]
+    def closure(s: int) -> list[int]:
+        seen = {s}
+        stack = [s]
+        while stack:
+            q = stack.pop()
+            for e in range(ptr[q], ptr[q + 1]):
+                if rule[e] == _EPS and tgt[e] not in seen:
+                    seen.add(tgt[e])
+                    stack.append(tgt[e])
+        return sorted(seen)
 
-    visit(start)
+    reach = {start: 0}
+    order = [start]
     final: list[bool] = []
     edges: list[list[tuple[int, int, int, int]]] = []
     i = 0
     while i < len(order):
-        s = order[i]
+        clo = closure(order[i])
         i += 1
-        clo = _eps_closure(nfa, [s])
         final.append(end in clo)
-        out = []
+        out = set()
         for c in clo:
-            for lo, hi, rule, t in nfa.edges[c]:
-                if rule != _EPS:
-                    out.append((lo, hi, rule, visit(t)))
-        edges.append(_merge_byte_edges(sorted(set(out))))
-    return _RuleAutomaton(final, edges)
-
-
-def _equivalence_blocks(a: _RuleAutomaton) -> list[int]:
-    """Hopcroft's partition refinement: the block (equivalence class) of every state.
-
-    The symbol axis is cut at every byte-edge boundary, so each interval between cuts is one
-    symbol for all states, and each referenced rule is one more symbol. Missing transitions go to
-    an explicit dead state. O(n k log n) for n states and k symbols, where Moore's refinement
-    would be quadratic on the long counter chains that bounded repetitions produce.
-    """
-    n = len(a.final)
-    dead = n
-    cuts = sorted({x for es in a.edges for lo, hi, r, t in es if r == -1 for x in (lo, hi + 1)})
-    rules = sorted({r for es in a.edges for lo, hi, r, t in es if r >= 0})
-    n_syms = max(len(cuts) - 1, 0) + len(rules)
-    rule_sym = {r: max(len(cuts) - 1, 0) + i for i, r in enumerate(rules)}
-    inv: list[dict[int, list[int]]] = [{} for _ in range(n_syms)]
-    for src, es in enumerate(a.edges):
-        for lo, hi, r, t in es:
-            if r >= 0:
-                inv[rule_sym[r]].setdefault(t, []).append(src)
-            else:
-                for c in range(bisect.bisect_left(cuts, lo), bisect.bisect_left(cuts, hi + 1)):
-                    inv[c].setdefault(t, []).append(src)
-    for c in range(n_syms):
-        has = {src for srcs in inv[c].values() for src in srcs}
-        inv[c][dead] = [src for src in range(n + 1) if src not in has]
-
-    finals = {q for q in range(n) if a.final[q]}
-    blocks = [b for b in (finals, set(range(n + 1)) - finals) if b]
-    block = [0] * (n + 1)
-    for i, b in enumerate(blocks):
-        for q in b:
-            block[q] = i
-    work = set(range(len(blocks)))
-    while work:
-        splitter = list(blocks[work.pop()])
-        for c in range(n_syms):
-            touched: dict[int, list[int]] = {}
-            for t in splitter:
-                for src in inv[c].get(t, ()):
-                    touched.setdefault(block[src], []).append(src)
-            for y, members in touched.items():
-                if len(members) == len(blocks[y]):
-                    continue
-                moved = set(members)
-                blocks[y] -= moved
-                blocks.append(moved)
-                new = len(blocks) - 1
-                for q in moved:
-                    block[q] = new
-                if y in work:
-                    work.add(new)
-                else:
-                    work.add(y if len(blocks[y]) <= len(moved) else new)
-    return block[:n]
-
-
-def _minimize(a: _RuleAutomaton) -> _RuleAutomaton:
-    """The minimal automaton of a deterministic one, states numbered canonically (BFS from the start)."""
-    block = _equivalence_blocks(a)
-    n = len(a.final)
-    # Renumber so the start's block is 0 and blocks appear in BFS order.
-    rep: dict[int, int] = {}
-    for s in range(n):
-        rep.setdefault(block[s], s)
-    order = [block[0]]
-    number = {block[0]: 0}
-    i = 0
-    final: list[bool] = []
-    edges: list[list[tuple[int, int, int, int]]] = []
-    while i < len(order):
-        b = order[i]
-        i += 1
-        s = rep[b]
-        final.append(a.final[s])
-        out = []
-        for lo, hi, r, t in a.edges[s]:
-            tb = block[t]
-            if tb not in number:
-                number[tb] = len(order)
-                order.append(tb)
-            out.append((lo, hi, r, number[tb]))
-        edges.append(_merge_byte_edges(out))
-    return _prune_dead(_RuleAutomaton(final, edges))
-
-
-def _prune_dead(a: _RuleAutomaton) -> _RuleAutomaton:
-    """Drop states from which no final state is reachable (keeping the start)."""
-    n = len(a.final)
+            for e in range(ptr[c], ptr[c + 1]):
+                if rule[e] != _EPS:
+                    if tgt[e] not in reach:
+                        reach[tgt[e]] = len(order)
+                        order.append(tgt[e])
+                    out.add((lo[e], hi[e], rule[e], reach[tgt[e]]))
+        edges.append(sorted(e for e in out if e[2] == -1) + sorted(e for e in out if e[2] != -1))
+    # Trim: keep the start and the states from which a final state is reachable.
+    n = len(final)
     rev: list[list[int]] = [[] for _ in range(n)]
     for s in range(n):
-        for *_, t in a.edges[s]:
+        for *_, t in edges[s]:
             rev[t].append(s)
-    live = {s for s in range(n) if a.final[s]}
+    live = {s for s in range(n) if final[s]}
     stack = list(live)
     while stack:
         t = stack.pop()
@@ -621,9 +1012,13 @@ def _prune_dead(a: _RuleAutomaton) -> _RuleAutomaton:
     live.add(0)
     keep = sorted(live)
     new = {s: i for i, s in enumerate(keep)}
+    kept = [[(a, b, r, new[t]) for a, b, r, t in edges[s] if t in live] for s in keep]
+    flat = [e for es in kept for e in es]
+    cols = list(zip(*flat)) if flat else [(), (), (), ()]
     return _RuleAutomaton(
-        [a.final[s] for s in keep],
-        [[(lo, hi, r, new[t]) for lo, hi, r, t in a.edges[s] if t in live] for s in keep],
+        np.array([final[s] for s in keep], np.uint8),
+        np.array([0] + list(np.cumsum([len(es) for es in kept])), np.int32),
+        *(np.array(c, np.int32) for c in cols),
     )
 
 
@@ -850,16 +1245,81 @@ class GrammarBuilder:
             raise GrammarError(f"the start rule {root!r} is not defined")
         names = _reachable(self.rules, root)
         ids = {n: i for i, n in enumerate(names)}
-        low = _Lowering(ids, self.limits)
+        specials: list[str] = []
         autos = []
         for n in names:
-            start = low.nfa.new()
-            end = low.lower(self.rules[n], start)
-            det = _determinize(low.nfa, start, end, self.limits.max_dfa_states)
-            autos.append(_minimize(det) if det is not None else _prune_dead(_eps_free(low.nfa, start, end)))
+            body = _rule_automaton(self.rules[n], self.limits)
+            for name in body.specials:
+                if name not in specials:
+                    specials.append(name)
+            autos.append(body.bind([ids[r] for r in body.refs], [specials.index(x) for x in body.specials]))
         g = _pack(names, [self.rules[n] for n in names], ids[root], autos)
-        g.special_tokens = low.specials
+        g.special_tokens = specials
         return g
+
+
+@dataclass(frozen=True)
+class _RuleBody:
+    """A rule's minimal automaton with references and specials numbered locally (``refs``, ``specials``)."""
+
+    auto: "_RuleAutomaton"
+    refs: tuple[str, ...]
+    specials: tuple[str, ...]
+
+    def bind(self, rule_ids: list[int], special_ids: list[int]) -> "_RuleAutomaton":
+        """The automaton with local reference/special numbers replaced by the grammar's."""
+        a = self.auto
+        if rule_ids == list(range(len(rule_ids))) and special_ids == list(range(len(special_ids))):
+            return a
+        rule, lo, hi = a.rule, a.lo, a.hi
+        if rule_ids:
+            rule = np.where(rule >= 0, np.array(rule_ids, np.int32)[np.maximum(rule, 0)], rule).astype(np.int32)
+        if special_ids:
+            sym = (a.rule < 0) & (lo >= 256)
+            lo = np.where(sym, 256 + np.array(special_ids, np.int32)[np.maximum(lo - 256, 0)], lo).astype(np.int32)
+            hi = np.where(sym, lo, hi).astype(np.int32)
+        target = a.target
+        if len(special_ids) > 1:  # keep each state's byte edges sorted by symbol
+            rule, target = rule.copy(), target.copy()
+            for s in range(a.n_states):
+                e0, e1 = a.ptr[s], a.ptr[s + 1]
+                nb = e0 + int((a.rule[e0:e1] < 0).sum())
+                order = e0 + np.argsort(lo[e0:nb], kind="stable")
+                lo[e0:nb], hi[e0:nb], rule[e0:nb], target[e0:nb] = lo[order], hi[order], rule[order], target[order]
+        return _RuleAutomaton(a.final, a.ptr, lo, hi, rule, target)
+
+
+# Rule bodies by expression, shared by every grammar built in this process: the JSON Schema
+# frontend emits the same bodies (JSON values, whitespace, strings, escapes, counters) again and
+# again, and their determinization and minimization dominate a compile.
+_BODY_CACHE: "OrderedDict[tuple, _RuleBody]" = OrderedDict()
+_BODY_CACHE_LOCK = threading.Lock()
+_BODY_CACHE_STATES = [0]
+BODY_CACHE_MAX_STATES = 2_000_000
+
+
+def _rule_automaton(e: Expr, limits: GrammarLimits) -> _RuleBody:
+    key = (e, limits.max_nfa_states, limits.max_dfa_states)
+    with _BODY_CACHE_LOCK:
+        hit = _BODY_CACHE.get(key)
+        if hit is not None:
+            _BODY_CACHE.move_to_end(key)
+            return hit
+    low = _Lowering(limits)
+    start = low.nfa.new()
+    end = low.lower(e, start)
+    auto = _determinize_minimize(low.nfa, start, end, limits.max_dfa_states)
+    if auto is None:
+        auto = _eps_free(low.nfa, start, end)
+    body = _RuleBody(auto, tuple(low.refs), tuple(low.specials))
+    with _BODY_CACHE_LOCK:
+        if key not in _BODY_CACHE:
+            _BODY_CACHE[key] = body
+            _BODY_CACHE_STATES[0] += auto.n_states
+            while _BODY_CACHE_STATES[0] > BODY_CACHE_MAX_STATES and len(_BODY_CACHE) > 1:
+                _, old = _BODY_CACHE.popitem(last=False)
+                _BODY_CACHE_STATES[0] -= old.auto.n_states
+    return body
 
 
 def _refs(e: Expr) -> Iterable[str]:
@@ -894,35 +1354,24 @@ def _reachable(rules: dict[str, Expr], root: str) -> list[str]:
 
 
 def _pack(names: list[str], exprs: list[Expr], root: int, autos: Sequence[_RuleAutomaton]) -> Grammar:
-    rule_start = np.zeros(len(names), np.int32)
-    state_rule, state_final = [], []
-    ptr, lo_, hi_, rule_, tgt = [0], [], [], [], []
-    base = 0
-    for r, a in enumerate(autos):
-        rule_start[r] = base
-        for s in range(len(a.final)):
-            state_rule.append(r)
-            state_final.append(1 if a.final[s] else 0)
-            for lo, hi, ref, t in a.edges[s]:
-                lo_.append(lo)
-                hi_.append(hi)
-                rule_.append(ref)
-                tgt.append(base + t)
-            ptr.append(len(tgt))
-        base += len(a.final)
+    sizes = np.array([a.n_states for a in autos], np.int64)
+    base = np.concatenate([[0], np.cumsum(sizes)])
+    n_edges = np.array([a.lo.shape[0] for a in autos], np.int64)
+    edge_base = np.concatenate([[0], np.cumsum(n_edges)])
+    cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32)  # noqa: E731
     g = Grammar(
         rule_names=list(names),
         rule_exprs=list(exprs),
         root=root,
-        rule_start=rule_start,
+        rule_start=base[:-1].astype(np.int32),
         rule_nullable=np.zeros(len(names), np.uint8),
-        state_rule=np.array(state_rule, np.int32),
-        state_final=np.array(state_final, np.uint8),
-        edge_ptr=np.array(ptr, np.int32),
-        edge_lo=np.array(lo_, np.int32),
-        edge_hi=np.array(hi_, np.int32),
-        edge_rule=np.array(rule_, np.int32),
-        edge_target=np.array(tgt, np.int32),
+        state_rule=np.repeat(np.arange(len(autos), dtype=np.int32), sizes),
+        state_final=np.concatenate([a.final for a in autos]).astype(np.uint8) if autos else np.zeros(0, np.uint8),
+        edge_ptr=np.concatenate([[0]] + [a.ptr[1:] + edge_base[r] for r, a in enumerate(autos)]).astype(np.int32),
+        edge_lo=cat([a.lo for a in autos]),
+        edge_hi=cat([a.hi for a in autos]),
+        edge_rule=cat([a.rule for a in autos]),
+        edge_target=cat([a.target + base[r] for r, a in enumerate(autos)]),
     )
     g.rule_nullable[:] = _nullable(g)
     return g
