@@ -618,10 +618,11 @@ def _subset_dfa(nptr, nlo, nhi, nrule, ntgt, start, end, max_states):
     seed = np.empty(1, np.int64)
     seed[0] = start
     k = _closure(seed, nptr, nrule, ntgt, stamp, gen, stack, buf)
-    c, pool, n_pool, offs, n_sets, table, hashes = _intern(np.sort(buf[:k]), pool, n_pool, offs, n_sets, table, hashes)
+    buf[:k].sort()
+    c, pool, n_pool, offs, n_sets, table, hashes = _intern(buf[:k], pool, n_pool, offs, n_sets, table, hashes)
     i = 0
     while i < n_sets:
-        members = pool[offs[i]:offs[i + 1]].copy()
+        members = pool[offs[i]:offs[i + 1]]  # read before any _intern below may grow the pool
         final = _grown(final, i + 1)
         j = np.searchsorted(members, end)
         final[i] = 1 if j < members.shape[0] and members[j] == end else 0
@@ -661,8 +662,8 @@ def _subset_dfa(nptr, nlo, nhi, nrule, ntgt, start, end, max_states):
                     continue
                 gen += 1
                 k = _closure(bucket[off[kk]:off[kk + 1]], nptr, nrule, ntgt, stamp, gen, stack, buf)
-                c, pool, n_pool, offs, n_sets, table, hashes = _intern(
-                    np.sort(buf[:k]), pool, n_pool, offs, n_sets, table, hashes)
+                buf[:k].sort()
+                c, pool, n_pool, offs, n_sets, table, hashes = _intern(buf[:k], pool, n_pool, offs, n_sets, table, hashes)
                 if n_sets > max_states:
                     return False, final[:0], ptr[:0], olo[:0], ohi[:0], orule[:0], otgt[:0]
                 if n_out > first_byte_edge and otgt[n_out - 1] == c and ohi[n_out - 1] + 1 == cuts[kk]:
@@ -678,16 +679,25 @@ def _subset_dfa(nptr, nlo, nhi, nrule, ntgt, start, end, max_states):
                 otgt[n_out] = c
                 n_out += 1
         if nr > 0:
-            order = np.argsort(rr[:nr], kind="mergesort")
+            # insertion sort of the (rule, target) pairs by rule: states call few rules
+            for x in range(1, nr):
+                r_x, t_x = rr[x], rt[x]
+                y = x - 1
+                while y >= 0 and rr[y] > r_x:
+                    rr[y + 1] = rr[y]
+                    rt[y + 1] = rt[y]
+                    y -= 1
+                rr[y + 1] = r_x
+                rt[y + 1] = t_x
             a = 0
             while a < nr:
                 b = a
-                while b < nr and rr[order[b]] == rr[order[a]]:
+                while b < nr and rr[b] == rr[a]:
                     b += 1
                 gen += 1
-                k = _closure(rt[order[a:b]], nptr, nrule, ntgt, stamp, gen, stack, buf)
-                c, pool, n_pool, offs, n_sets, table, hashes = _intern(
-                    np.sort(buf[:k]), pool, n_pool, offs, n_sets, table, hashes)
+                k = _closure(rt[a:b], nptr, nrule, ntgt, stamp, gen, stack, buf)
+                buf[:k].sort()
+                c, pool, n_pool, offs, n_sets, table, hashes = _intern(buf[:k], pool, n_pool, offs, n_sets, table, hashes)
                 if n_sets > max_states:
                     return False, final[:0], ptr[:0], olo[:0], ohi[:0], orule[:0], otgt[:0]
                 olo = _grown(olo, n_out + 1)
@@ -696,7 +706,7 @@ def _subset_dfa(nptr, nlo, nhi, nrule, ntgt, start, end, max_states):
                 otgt = _grown(otgt, n_out + 1)
                 olo[n_out] = 0
                 ohi[n_out] = 0
-                orule[n_out] = rr[order[a]]
+                orule[n_out] = rr[a]
                 otgt[n_out] = c
                 n_out += 1
                 a = b

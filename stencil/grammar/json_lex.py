@@ -28,7 +28,10 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Callable, Iterable
 
+import numpy as np
+
 from stencil.grammar.ir import (
+    minimal_dfa,
     EMPTY,
     MAX_CODE_POINT,
     NOTHING,
@@ -340,52 +343,26 @@ def is_empty(a: CharDFA) -> bool:
 
 
 def minimize(a: CharDFA, max_work: int = 3_000_000) -> CharDFA:
-    """Moore partition refinement (on a trimmed DFA); returned unchanged if it would take too long."""
+    """The minimal DFA, states in BFS order (:func:`stencil.grammar.ir.minimal_dfa`, O(m log n)).
+
+    Returned trimmed but otherwise unchanged if it has more than ``max_work`` (state, elementary
+    range) transitions.
+    """
     a = trim(a)
     n = a.n_states
-    block = [1 if f else 0 for f in a.final]
-    nblocks = len(set(block))
-    work = 0
-    while True:
-        sigs: dict[tuple, int] = {}
-        new_block = []
-        for s in range(n):
-            merged: list[tuple[int, int, int]] = []
-            for lo, hi, t in a.trans[s]:
-                b = block[t]
-                if merged and merged[-1][2] == b and merged[-1][1] + 1 == lo:
-                    merged[-1] = (merged[-1][0], hi, b)
-                else:
-                    merged.append((lo, hi, b))
-            new_block.append(sigs.setdefault((block[s], tuple(merged)), len(sigs)))
-        work += n + sum(len(t) for t in a.trans)
-        block = new_block
-        if len(sigs) == nblocks:
-            break
-        nblocks = len(sigs)
-        if work > max_work:
-            return a
-    order = [block[0]]
-    number = {block[0]: 0}
-    rep: dict[int, int] = {}
-    for s in range(n):
-        rep.setdefault(block[s], s)
-    trans: list[tuple[tuple[int, int, int], ...]] = []
-    final: list[bool] = []
-    i = 0
-    while i < len(order):
-        s = rep[order[i]]
-        i += 1
-        final.append(a.final[s])
-        out = []
-        for lo, hi, t in a.trans[s]:
-            b = block[t]
-            if b not in number:
-                number[b] = len(order)
-                order.append(b)
-            out.append((lo, hi, number[b]))
-        trans.append(_merge(out))
-    return CharDFA(trans, final)
+    counts = [len(t) for t in a.trans]
+    flat = [e for t in a.trans for e in t]
+    if not flat:
+        return CharDFA([()], [a.final[0]])
+    lo, hi, tgt = (np.array(c, np.int64) for c in zip(*flat))
+    if len(np.unique(np.concatenate([lo, hi + 1]))) * n > max_work:
+        return a
+    ptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    final, ptr, lo, hi, _, tgt = minimal_dfa(np.array(a.final, np.uint8), ptr, lo, hi, np.full(len(flat), -1, np.int64), tgt)
+    lo, hi, tgt, ptr = lo.tolist(), hi.tolist(), tgt.tolist(), ptr.tolist()
+    return CharDFA([tuple(zip(lo[ptr[s]:ptr[s + 1]], hi[ptr[s]:ptr[s + 1]], tgt[ptr[s]:ptr[s + 1]]))
+                    for s in range(len(final))], [bool(f) for f in final])
 
 
 def _pair_ranges(x: tuple, y: tuple) -> list[tuple[int, int, int, int]]:
