@@ -111,6 +111,9 @@ class TimedConstraint:
     def try_token(self, t: int) -> bool:
         return self._timed(self.m.try_token, t)
 
+    def try_tokens(self, ts) -> np.ndarray:
+        return self._timed(self.m.try_tokens, ts)
+
     def is_completed(self) -> bool:
         return self._timed(self.m.is_completed)
 

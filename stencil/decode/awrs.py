@@ -9,9 +9,12 @@ Sampling. Keys ``logit + Gumbel noise`` ordered from the largest down are a draw
 vocabulary without replacement from ``p`` (Gumbel-top-k). Walking that order and stopping at the
 first token the constraint accepts gives an exact sample from ``g``: it is the first valid token of
 a ``p``-random permutation. The order is generated lazily from the top (:class:`LazyOrder`: each
-next key's token is an inverse-CDF draw among the tokens left), so a call costs one ``exp`` and one
-cumulative sum over the vocabulary plus ``O(log V)`` per token drawn; no key is materialized and
-nothing is sorted unless the full-mask fallback needs the rest of the order at once.
+next key's token is an inverse-CDF draw among the tokens left, over block totals), so a call costs
+one read of the logits (one ``exp`` per token, one float written per block of 64) plus a block scan
+per token drawn; no key is materialized and nothing is sorted unless the full-mask fallback needs
+the rest of the order at once. With the recursive estimator and a constraint that judges several
+tokens per call (``try_tokens``), the order runs one draw ahead (:class:`PrefetchOrder`), so the
+usual step (candidate accepted, peek judged) is one call into the constraint.
 
 Weights (``estimator=``):
 
@@ -42,16 +45,18 @@ rest of the walk reads it instead of checking tokens one by one: the sample stay
 weight properly weighted (exact ``Z`` for the recursive estimator).
 
 End of sequence. The sampler is told the stop ids; a stop id is valid exactly when
-``constraint.is_completed()`` (asked at most once per call), and ``try_token`` is never called on it.
+``constraint.is_completed()`` (asked at most once per call), and neither ``try_token`` nor
+``try_tokens`` is ever asked about it.
 
 Greedy decoding is the same walk in plain logit order (ties: lowest id first; :class:`KeyOrder`,
 partial selections in growing chunks): the first accepted token is the constrained argmax.
 
-Numerics: probabilities are ``exp(logit - max)`` in float64, so a token counts as having
-probability 0 only when its logit is ``-inf`` or more than ~745 nats below the top one. The lazy
-order draws through a float64 cumulative sum, which resolves a token only if its probability is
-above ~1e-16 of the mass still in play (it is rebuilt as mass is drawn); rarer tokens are reached
-by the fallback's explicit keys.
+Numerics: probabilities are ``exp(logit - max)`` in float64 (from float32 or float64 logits, read
+in place), so a token counts as having probability 0 only when its logit is ``-inf`` or more than
+~745 nats below the top one. The lazy order draws through float64 block totals and their
+cumulative sum; a block total is recomputed from its tokens whenever one is drawn, so the order
+resolves a token if its probability is above ~1e-16 of the mass still in play; rarer tokens are
+reached by the fallback's explicit keys.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import numba
 import numpy as np
 import torch
 
@@ -74,8 +80,9 @@ __all__ = [
     "DrawOrder",
     "KeyOrder",
     "LazyOrder",
+    "PrefetchOrder",
     "Masses",
-    "NumpyMasses",
+    "LogitMasses",
     "CoreOutcome",
     "awrs_core",
     "logits_to_numpy",
@@ -134,20 +141,24 @@ class CoreOutcome:
 class _Walk:
     """Verdicts for one call: asks ``check`` until ``max_rejections`` rejections, then the full mask."""
 
-    def __init__(self, check: Callable[[int], bool], full_mask: Callable[[], Any], max_rejections: int):
+    def __init__(self, check: Callable[[int], bool], full_mask: Callable[[], Any], max_rejections: int,
+                 final_check: Callable[[int], bool] | None = None):
         self._check = check
+        self._final_check = check if final_check is None else final_check
         self._full_mask = full_mask
         self._max_rejections = max_rejections
         self.rejections = 0
         self.mask: Any = None
 
-    def verdict(self, t: int, may_fall_back: bool = True) -> bool:
+    def verdict(self, t: int, final: bool = False) -> bool:
+        """The verdict on ``t``; ``final``: the last one asked in this call (it never triggers the
+        fallback, and goes to ``final_check``)."""
         if self.mask is not None:
             return bool(self.mask[t])
-        ok = self._check(t)
+        ok = (self._final_check if final else self._check)(t)
         if not ok:
             self.rejections += 1
-            if may_fall_back and self.rejections >= self._max_rejections:
+            if not final and self.rejections >= self._max_rejections:
                 self.mask = self._full_mask()
         return ok
 
@@ -177,17 +188,19 @@ def awrs_core(
     *,
     estimator: Estimator,
     max_rejections: int,
+    final_check: Callable[[int], bool] | None = None,
 ) -> CoreOutcome:
     """One AWRS step, independent of where draws, probabilities and verdicts come from.
 
-    ``check(t)`` asks the constraint about ``t``; ``full_mask()`` returns the verdicts of all tokens
+    ``check(t)`` asks the constraint about ``t``; ``final_check(t)`` (default ``check``) asks about
+    the recursive estimator's peek, after which nothing more is asked; ``full_mask()`` returns the verdicts of all tokens
     (indexable by id); ``order`` is the draw order of the first loop; ``second_order(excluded)`` a
     fresh independent order that never yields ``excluded`` (only the two-loop estimator uses it).
     The weight is ``masses.zero`` when no token is valid. Every token is checked at most once.
     """
     if estimator not in _ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {_ESTIMATORS}")
-    walk = _Walk(check, full_mask, max_rejections)
+    walk = _Walk(check, full_mask, max_rejections, final_check)
     x, rejected = walk.first_valid(order)
     psi0 = masses.mass(rejected)
     if x is None:
@@ -202,7 +215,7 @@ def awrs_core(
             return CoreOutcome(x, left, walk.rejections, False)
         # The peek never triggers the fallback: swapping in the exact Z only on a rejected peek
         # would bias the estimate (the choice must not depend on the peek's verdict).
-        if walk.verdict(y, may_fall_back=False):
+        if walk.verdict(y, final=True):
             return CoreOutcome(x, left, walk.rejections, False)
         return CoreOutcome(x, masses.p(x), walk.rejections, False)
 
@@ -296,99 +309,299 @@ class KeyOrder:
         return x, passed.tolist()
 
 
-class LazyOrder:
-    """Successive sampling without replacement in proportion to ``weights``, generated lazily.
+BLOCK = 64
+"""Tokens per block of :class:`LazyOrder`: a block's drawn tokens fit one ``uint64`` of flags."""
 
-    This is the order of Gumbel-top-k keys ``log w + Gumbel`` built from the top down: the largest
+# _draw answers besides a token
+_EXHAUSTED = -1  # no token of positive weight is left
+_REDRAW = -2  # rounding put the draw past the last token of its block (probability ~1e-16): draw again
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _weight(x, top):
+    """The unnormalized probability ``exp(logit - top)`` of a token, the one formula every pass uses."""
+    return math.exp(np.float64(x) - top)
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_sums(row, top, own, sums):
+    """``sums[b]`` = weight of block b of the tokens below ``own``; returns the weight of the rest
+    (a model's padding ids). The only pass over the whole vocabulary: it reads the logits once and
+    writes one float per block, so little of what the constraint needs next is evicted."""
+    for b in range(sums.shape[0]):
+        s = 0.0
+        for t in range(b * BLOCK, min(own, (b + 1) * BLOCK)):
+            s += _weight(row[t], top)
+        sums[b] = s
+    padding = 0.0
+    for t in range(own, row.shape[0]):
+        padding += _weight(row[t], top)
+    return padding
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _block_sum(row, top, own, flags, b):
+    """Weight of block b without its flagged tokens, summed in the order :func:`_draw` scans it."""
+    s = 0.0
+    for t in range(b * BLOCK, min(own, (b + 1) * BLOCK)):
+        if not (flags >> np.uint64(t - b * BLOCK)) & np.uint64(1):
+            s += _weight(row[t], top)
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _exclude(row, top, own, sums, drawn, tokens):
+    """Flag ``tokens`` (those below ``own``) as drawn and recompute the sums of their blocks."""
+    for t in tokens:
+        if 0 <= t < own:
+            drawn[t // BLOCK] |= np.uint64(1) << np.uint64(t % BLOCK)
+    for t in tokens:
+        if 0 <= t < own:
+            b = t // BLOCK
+            sums[b] = _block_sum(row, top, own, drawn[b], b)
+
+
+@numba.njit(cache=True, nogil=True)
+def _cumulate(sums, cum, start):
+    """``cum[b]`` = sums[0] + ... + sums[b] for b >= start."""
+    acc = cum[start - 1] if start > 0 else 0.0
+    for b in range(start, sums.shape[0]):
+        acc += sums[b]
+        cum[b] = acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _draw(row, top, own, sums, cum, drawn, u):
+    """One token in proportion to the weights of those not drawn yet, by inverse CDF at ``u`` in [0, 1).
+
+    A binary search over the block totals, then a scan of one block. The drawn token is flagged and
+    its block's total recomputed from scratch (never decremented: a remaining mass far below the
+    drawn one does not drown in rounding). Returns the token, _EXHAUSTED or _REDRAW.
+    """
+    nb = sums.shape[0]
+    if nb == 0 or not cum[nb - 1] > 0.0:
+        return _EXHAUSTED
+    x = u * cum[nb - 1]
+    lo, hi = 0, nb
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if cum[mid] > x:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo >= nb:
+        return _REDRAW
+    b = lo
+    r = x - cum[b - 1] if b > 0 else x
+    flags = drawn[b]
+    acc = 0.0
+    for t in range(b * BLOCK, min(own, (b + 1) * BLOCK)):
+        bit = np.uint64(1) << np.uint64(t - b * BLOCK)
+        if flags & bit:
+            continue
+        acc += _weight(row[t], top)
+        if acc > r:  # a token of weight 0 never gets here: acc was already <= r
+            drawn[b] = flags | bit
+            sums[b] = _block_sum(row, top, own, drawn[b], b)
+            _cumulate(sums, cum, b)
+            return t
+    return _REDRAW
+
+
+@numba.njit(cache=True, nogil=True)
+def _mass(row, top, tokens):
+    """Σ weight over ``tokens``."""
+    s = 0.0
+    for t in tokens:
+        s += _weight(row[t], top)
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _masked_mass(row, top, own, valid):
+    """Σ weight over the tokens below ``own`` with ``valid[t]``."""
+    s = 0.0
+    for t in range(own):
+        if valid[t]:
+            s += _weight(row[t], top)
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _survivor_mass(row, top, own, sums, tokens):
+    """Σ weight over the tokens below ``own`` but ``tokens``, from the block totals ``sums``."""
+    excluded = np.zeros(sums.shape[0], np.uint64)
+    for t in tokens:
+        if 0 <= t < own:
+            excluded[t // BLOCK] |= np.uint64(1) << np.uint64(t % BLOCK)
+    s = 0.0
+    for b in range(sums.shape[0]):
+        s += sums[b] if excluded[b] == 0 else _block_sum(row, top, own, excluded[b], b)
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _gumbel_keys(row, top, own, drawn, exponentials, keys):
+    """Gumbel-top-k keys ``log w - log E`` of the tokens below ``own`` not drawn yet; -inf for the
+    rest and for tokens of weight 0."""
+    for t in range(keys.shape[0]):
+        keys[t] = -np.inf
+        if t < own and not (drawn[t // BLOCK] >> np.uint64(t % BLOCK)) & np.uint64(1):
+            w = _weight(row[t], top)
+            if w > 0.0:
+                keys[t] = math.log(w) - math.log(exponentials[t])
+
+
+class LazyOrder:
+    """Successive sampling without replacement in proportion to ``exp(logits)``, generated lazily.
+
+    This is the order of Gumbel-top-k keys ``logit + Gumbel`` built from the top down: the largest
     remaining key belongs to a token drawn in proportion to the weights of the tokens left, so each
-    step is one inverse-CDF draw on a cumulative sum, redrawn when it lands on a token already
-    produced (or ``excluded``). The cumulative sum is built once (it may be shared) and rebuilt
-    without the produced tokens once they hold half of its mass, so a draw costs ``O(log V)`` and
-    at most two tries on average. No key is materialized until :meth:`skip_to_valid` needs the rest
-    of the order at once; then the remaining tokens get explicit Gumbel keys. Tokens of weight 0
-    are never produced.
+    step is one inverse-CDF draw among them. The vocabulary is cut into blocks of :data:`BLOCK`
+    tokens whose totals (``sums``, one pass over the logits; may be shared, it is copied) and their
+    cumulative sum are all that is stored: a draw is a binary search over the blocks and a scan of
+    one, and removes the token exactly (its block's total is recomputed), so no draw is wasted and
+    nothing of size ``V`` is written. Tokens of weight 0, ids at or past ``own`` and ``excluded``
+    ones are never produced. :meth:`skip_to_valid` gives the remaining tokens explicit Gumbel keys.
+
+    ``top`` is the maximum logit (computed when not given); weights are ``exp(logit - top)`` in
+    float64 whatever the logits' dtype.
     """
 
     def __init__(
         self,
-        weights: np.ndarray,
+        logits: np.ndarray,
         rng: np.random.Generator,
-        cumulative: np.ndarray | None = None,
+        *,
+        top: float | None = None,
+        own: int | None = None,
+        sums: np.ndarray | None = None,
         excluded: Sequence[int] = (),
     ):
-        self._w = weights
+        self._row = logits
         self._rng = rng
-        self._cum = np.cumsum(weights) if cumulative is None else cumulative
-        self._base = float(self._cum[-1])
-        self._seen = {int(t) for t in excluded}
-        self._seen_mass = float(weights[np.asarray(list(self._seen), dtype=np.int64)].sum())
+        self._top = float(logits.max()) if top is None else top
+        self._own = logits.size if own is None else own
+        nb = -(-self._own // BLOCK)
+        if sums is None:
+            sums = np.empty(nb, np.float64)
+            _block_sums(logits, self._top, self._own, sums)
+        else:
+            sums = sums.copy()
+        self._sums = sums
+        self._drawn = np.zeros(nb, np.uint64)
+        if len(excluded):
+            _exclude(logits, self._top, self._own, sums, self._drawn, np.asarray(excluded, dtype=np.int64))
+        self._cum = np.empty(nb, np.float64)
+        _cumulate(sums, self._cum, 0)
         self._done = False
-
-    def _rebuild(self) -> None:
-        w = self._w.copy()
-        w[np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))] = 0.0
-        self._cum = np.cumsum(w)
-        self._base = float(self._cum[-1])
-        self._seen_mass = 0.0
 
     def next(self) -> int | None:
         if self._done:
             raise RuntimeError("LazyOrder.next() after skip_to_valid()")
-        if self._seen_mass > 0.5 * self._base:
-            self._rebuild()
-        if self._base <= 0.0:
-            return None
-        size = self._w.size
         while True:
-            t = int(np.searchsorted(self._cum, self._rng.random() * self._base, side="right"))
-            if t < size and t not in self._seen:
-                break
-        self._seen.add(t)
-        self._seen_mass += float(self._w[t])
-        return t
+            t = _draw(self._row, self._top, self._own, self._sums, self._cum, self._drawn, self._rng.random())
+            if t != _REDRAW:
+                return None if t == _EXHAUSTED else int(t)
 
     def skip_to_valid(self, valid: np.ndarray) -> tuple[int | None, list[int]]:
         if self._done:
             raise RuntimeError("LazyOrder.skip_to_valid() called twice")
         self._done = True
-        with np.errstate(divide="ignore"):
-            keys = np.log(self._w) - np.log(self._rng.standard_exponential(self._w.size))
-        if self._seen:
-            keys[np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))] = -math.inf
+        keys = np.empty(self._own, np.float64)
+        _gumbel_keys(self._row, self._top, self._own, self._drawn, self._rng.standard_exponential(self._own), keys)
         return KeyOrder(keys).skip_to_valid(valid)
 
 
-class NumpyMasses:
-    """``Masses`` over float64 weights ``w`` with probabilities ``w / norm``.
+class PrefetchOrder:
+    """A draw order that runs one token ahead of the walk, so that the constraint judges a candidate
+    and the token after it in one call (``judge(tokens) -> verdicts``).
 
-    The weights may sum to less than ``norm`` when known-invalid ids (a model's padding) have been
-    zeroed: their mass stays in the normalization as invalid mass and is never drawn; ``total`` is
-    the mass of the rest. ``remaining`` sums the survivors directly once more than half of
-    ``total`` is excluded, so a tiny remaining mass is not lost to cancellation in ``total - ψ0``.
+    The tokens and their order are exactly those of the wrapped order; only *when* the next token
+    is drawn changes. The walk asks verdicts through :meth:`check` (and :meth:`check_final` for the
+    recursive estimator's peek); a token judged ahead is answered from memory. The token after an
+    accepted candidate is its peek and the one after a rejected candidate the next candidate, so a
+    verdict judged ahead is always used, unless the full-mask fallback takes over first.
+    """
+
+    _EMPTY = object()
+
+    def __init__(self, order: DrawOrder, judge: Callable[[list[int]], Sequence[bool]]):
+        self._order = order
+        self._judge = judge
+        self._ahead: Any = self._EMPTY
+        self._known: dict[int, bool] = {}
+
+    def next(self) -> int | None:
+        if self._ahead is not self._EMPTY:
+            t, self._ahead = self._ahead, self._EMPTY
+            return t
+        return self._order.next()
+
+    def check(self, token: int) -> bool:
+        """The constraint's verdict on ``token`` (the last one :meth:`next` returned)."""
+        known = self._known.pop(token, None)
+        if known is not None:
+            return known
+        if self._ahead is self._EMPTY:
+            self._ahead = self._order.next()
+        if self._ahead is None:
+            return bool(self._judge([token])[0])
+        verdicts = self._judge([token, self._ahead])
+        if len(verdicts) > 1:
+            self._known[self._ahead] = bool(verdicts[1])
+        return bool(verdicts[0])
+
+    def check_final(self, token: int) -> bool:
+        """:meth:`check` for the last token the walk asks about: nothing is judged ahead of it."""
+        known = self._known.pop(token, None)
+        return known if known is not None else bool(self._judge([token])[0])
+
+    def skip_to_valid(self, valid: Any) -> tuple[int | None, list[int]]:
+        if self._ahead is self._EMPTY:
+            return self._order.skip_to_valid(valid)
+        t, self._ahead = self._ahead, self._EMPTY
+        if t is None:
+            return None, []
+        if valid[t]:
+            return t, []
+        hit, passed = self._order.skip_to_valid(valid)
+        return hit, [t, *passed]
+
+
+class LogitMasses:
+    """``Masses`` over weights ``exp(logit - top)`` with probabilities ``weight / norm``.
+
+    Ids at or past ``own`` (a model's padding) are never drawn; their mass stays in ``norm`` as
+    invalid mass, and ``total`` is the probability of the rest. ``sums`` are the block totals of
+    :class:`LazyOrder`. ``remaining`` sums the survivors directly once more than half of ``total``
+    is excluded, so a tiny remaining mass is not lost to cancellation in ``total - ψ0``.
     """
 
     zero = 0.0
 
-    def __init__(self, weights: np.ndarray, norm: float, total: float = 1.0):
-        self.weights = weights
+    def __init__(self, logits: np.ndarray, top: float, own: int, sums: np.ndarray, norm: float, total: float):
+        self.logits = logits
+        self.top = top
+        self.own = own
+        self.sums = sums
         self.norm = norm
         self.total = total
 
     def p(self, token: int) -> float:
-        return float(self.weights[token]) / self.norm
+        return _weight(self.logits[token], self.top) / self.norm
 
     def mass(self, tokens: Sequence[int]) -> float:
-        return float(self.weights[np.asarray(tokens, dtype=np.int64)].sum()) / self.norm
+        return _mass(self.logits, self.top, np.asarray(tokens, dtype=np.int64)) / self.norm
 
     def remaining(self, excluded: Sequence[int], excluded_mass: float) -> float:
         if excluded_mass <= 0.5 * self.total:
             return self.total - float(excluded_mass)
-        keep = np.ones(self.weights.size, dtype=bool)
-        keep[np.asarray(excluded, dtype=np.int64)] = False
-        return float(self.weights[keep].sum()) / self.norm
+        tokens = np.asarray(excluded, dtype=np.int64)
+        return _survivor_mass(self.logits, self.top, self.own, self.sums, tokens) / self.norm
 
     def valid_mass(self, valid: Any) -> float:
-        return float(self.weights[np.asarray(valid, dtype=bool)].sum()) / self.norm
+        return _masked_mass(self.logits, self.top, self.own, np.asarray(valid, dtype=np.bool_)) / self.norm
 
 
 @dataclass(frozen=True)
@@ -410,7 +623,12 @@ class AWRSResult:
 
 
 class _Verdicts:
-    """Counting, caching access to one constraint state, with the end-of-sequence rule."""
+    """Counting access to one constraint state, with the end-of-sequence rule.
+
+    ``checks`` counts the tokens put to the constraint (judged ahead or not) plus at most one
+    ``is_completed``. A constraint with ``try_tokens`` (``GrammarMatcher``) judges several tokens
+    in one call.
+    """
 
     def __init__(
         self, constraint: TokenConstraint, eos_ids: frozenset[int], vocab_size: int, constraint_vocab_size: int
@@ -421,6 +639,8 @@ class _Verdicts:
         self.constraint_vocab_size = constraint_vocab_size
         self.checks = 0
         self._completed: bool | None = None
+        self._many = getattr(constraint, "try_tokens", None)
+        self.batched = self._many is not None
 
     def completed(self) -> bool:
         if self._completed is None:
@@ -434,6 +654,18 @@ class _Verdicts:
         self.checks += 1
         return bool(self.constraint.try_token(token))
 
+    def judge(self, tokens: list[int]) -> list[bool]:
+        """Verdicts on ``tokens``: the first always; the others (tokens judged ahead) only where
+        that costs no extra call, so the list may be shorter."""
+        first = tokens[0]
+        if first in self.eos_ids:
+            return [self.completed()]
+        rest = [t for t in tokens[1:] if t not in self.eos_ids]
+        if self._many is None or len(rest) < len(tokens) - 1:
+            return [self.check(first)]
+        self.checks += len(tokens)
+        return [bool(v) for v in self._many(tokens)]
+
     def full_mask(self) -> np.ndarray:
         allowed = constraint_allowed_tokens(
             self.constraint, self.vocab_size, (), constraint_vocab_size=self.constraint_vocab_size
@@ -445,14 +677,25 @@ class _Verdicts:
 
 
 def logits_to_numpy(logits: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Logits (a torch tensor on any device, or array-like) as a float64 numpy array on the CPU."""
+    """Logits (a torch tensor on any device, or array-like) as a C-contiguous numpy array on the CPU.
+
+    float32 and float64 are kept as they are (a CPU float32 tensor is not copied); other dtypes
+    (bfloat16, float16, integers) are widened to float32, which holds them exactly. The samplers
+    compute in float64 from there.
+    """
     if isinstance(logits, torch.Tensor):
-        return logits.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(logits, dtype=np.float64)
+        t = logits.detach()
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.to(torch.float32)
+        return np.ascontiguousarray(t.to("cpu").numpy())
+    arr = np.asarray(logits)
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    return np.ascontiguousarray(arr)
 
 
 def _logits_row(logits: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
-    """One row of logits as float64 numpy, and its maximum (one pass also validates it)."""
+    """One row of logits as float32/float64 numpy, and its maximum (one pass also validates it)."""
     row = logits_to_numpy(logits)
     if row.ndim != 1 or row.size == 0:
         raise ValueError(f"AWRS works on one non-empty row of logits [V], got shape {row.shape}")
@@ -512,27 +755,28 @@ class AWRS:
         """An exact sample of ``softmax(logits) · c`` and its properly weighted ``log Ẑ``."""
         row, top = _logits_row(logits)
         own = self._own(row.size)
-        weights = np.exp(row - top)  # float64: probabilities down to e^-745 of the top stay > 0
-        if own < row.size:
-            # Padding ids: invalid mass that stays in the normalization but is never drawn.
-            norm = float(weights.sum())
-            padding = float(weights[own:].sum())
-            weights[own:] = 0.0
-            cumulative = np.cumsum(weights)
-            total = 1.0 - padding / norm if padding <= 0.5 * norm else float(cumulative[-1]) / norm
-        else:
-            cumulative = np.cumsum(weights)
-            norm = float(cumulative[-1])
-            total = 1.0
+        sums = np.empty(-(-own // BLOCK), np.float64)
+        padding = _block_sums(row, top, own, sums)
+        kept = float(sums.sum())
+        norm = kept + padding
+        # Padding ids: invalid mass that stays in the normalization but is never drawn.
+        total = 1.0 if padding == 0.0 else (1.0 - padding / norm if padding <= 0.5 * norm else kept / norm)
         verdicts = _Verdicts(constraint, self.eos_ids, row.size, own)
+        order: Any = LazyOrder(row, self.rng, top=top, own=own, sums=sums)
+        check = final_check = verdicts.check
+        if self.estimator == "recursive" and verdicts.batched:
+            # Candidate and peek (or next candidate) judged in one call; see PrefetchOrder.
+            order = PrefetchOrder(order, verdicts.judge)
+            check, final_check = order.check, order.check_final
         out = awrs_core(
-            NumpyMasses(weights, norm, total),
-            verdicts.check,
+            LogitMasses(row, top, own, sums, norm, total),
+            check,
             verdicts.full_mask,
-            LazyOrder(weights, self.rng, cumulative),
-            lambda excluded: LazyOrder(weights, self.rng, cumulative, excluded),
+            order,
+            lambda excluded: LazyOrder(row, self.rng, top=top, own=own, sums=sums, excluded=excluded),
             estimator=self.estimator,
             max_rejections=self.max_rejections,
+            final_check=final_check,
         )
         if out.token is None or out.weight <= 0.0:
             token = -1 if out.token is None else out.token

@@ -44,10 +44,12 @@ __all__ = ["GrammarMatcher", "fill_next_token_bitmasks", "pack_bool_mask"]
 
 KIND_TEXT = TokenizerInfo.KIND_TEXT
 
-# _classify_token answers
+# _cache_verdict answers
 _REJECTED = 0
 _ACCEPTED = 1
 _ASK_PARSER = 2
+
+_BAD_ID = -3  # _check_tokens status: a token id outside the vocabulary
 
 
 class GrammarMatcher:
@@ -65,6 +67,7 @@ class GrammarMatcher:
         self._history: list[int] = []  # symbols consumed per accepted token (-1: a stop token)
         self._terminated = False
         self._scratch: tuple | None = None  # scratch of the mask kernels, made on first use
+        self._check_args: tuple | None = None  # _check_tokens' fixed arguments, gathered on first use
 
     # -- state -----------------------------------------------------------------------------
 
@@ -84,6 +87,7 @@ class GrammarMatcher:
         other._history = list(self._history)
         other._terminated = self._terminated
         other._scratch = None
+        other._check_args = None
         return other
 
     def is_completed(self) -> bool:
@@ -137,29 +141,63 @@ class GrammarMatcher:
         """Would ``accept_token`` succeed? The state does not change.
 
         The mask cache answers for tokens its states accept or reject outright; only uncertain
-        tokens (and states not classified yet) run the parser.
+        tokens (and states not classified yet) run the parser, in the same kernel call.
         """
         t = self._check_id(token_id)
         if self._terminated:
             return False
-        cache = self._cache
-        if cache.special_symbol_of_token[t] < 0:
-            if cache.is_stop[t]:
-                return self._rec.is_accepting()
-            if self.tokenizer_info.token_kind[t] != KIND_TEXT:
-                return False
-            rec = self._rec
+        return self._check_tokens((t,), 0) == 1
+
+    def try_tokens(self, token_ids: Sequence[int] | np.ndarray) -> list[bool]:
+        """Would ``accept_token`` succeed for each of ``token_ids``, on its own, from here?
+
+        The state does not change. One kernel call answers up to 64 tokens (what a sampler that
+        checks a few candidates at once wants): the cache states are looked up once, and uncertain
+        tokens run the parser in the same call.
+        """
+        if len(token_ids) == 2 and not self._terminated:  # AWRS's candidate and peek: no array to build
+            bits = self._check_tokens((int(token_ids[0]), int(token_ids[1])), 0)
+            return [bits & 1 == 1, bits & 2 == 2]
+        toks = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        n = len(toks)
+        if self._terminated:
+            for t in toks:
+                self._check_id(t)
+            return [False] * n
+        out: list[bool] = []
+        for start in range(0, n, 64):
+            bits = self._check_tokens(toks, start)
+            out.extend(bits >> i & 1 == 1 for i in range(min(64, n - start)))
+        return out
+
+    def _check_tokens(self, toks: tuple[int, ...] | np.ndarray, start: int) -> int:
+        """Verdicts on ``toks[start:start + 64]`` (not terminated) as bits; raises on a bad id."""
+        if self._check_args is None:
+            cache = self._cache
+            info = self.tokenizer_info
             states, seen, _, _ = self._scratch_arrays()
-            state_entry, ent, ids, bits = cache.pools
-            c = _classify_token(rec.G, cache.flags, rec._st, rec._org, rec._row_ptr, rec._meta, state_entry, ent,
-                                ids, bits, cache.forest.token_node, cache.forest.trie_subtree,
-                                states, seen, t)
-            if c != _ASK_PARSER:
-                return c == _ACCEPTED
-        if not self.accept_token(t):
-            return False
-        self.rollback(1)
-        return True
+            self._check_args = (cache.forest.token_node, cache.forest.trie_subtree, info.token_bytes,
+                                info.token_offsets, info.token_kind, cache.special_symbol_of_token, cache.is_stop,
+                                states, seen)
+        rec = self._rec
+        n0 = int(rec._meta[0])
+        bits = 0
+        while True:
+            r, at, bits = _check_tokens(rec.G, self._cache.flags, rec._st, rec._org, rec._row_ptr, rec._ht_key,
+                                        rec._ht_gen, rec._meta, rec.max_items_per_row, *self._cache.pools,
+                                        *self._check_args, toks, start, bits)
+            if r == 0:
+                return bits
+            start = at
+            if r == _BAD_ID:
+                self._check_id(int(toks[at]))
+            if r == GROW:
+                rec._grow()
+                rec._meta[0] = n0
+            else:
+                at = int(rec._meta[0]) - 1
+                rec._meta[0] = n0
+                rec._check(LIMIT, at)
 
     def accept_bytes(self, data: bytes) -> bool:
         """Advance over raw bytes (not tokens); all or nothing. Counts as one step for rollback."""
@@ -676,14 +714,10 @@ def _in_sorted(a, lo, hi, x):
     return lo < end and a[lo] == x
 
 
-@numba.njit(**_KERNEL)
-def _classify_token(G, flags, st, org, row_ptr, meta, state_entry, ent, ids, bits, token_node, trie_subtree,
-                    states, seen, t):
-    """The cache's verdict on text token t at the last row: _ACCEPTED, _REJECTED or _ASK_PARSER."""
-    ns, missing = _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen)
-    if missing > 0:
-        return _ASK_PARSER
-    node = token_node[t]
+@numba.njit(**_KERNEL, inline="always")
+def _cache_verdict(state_entry, ent, ids, bits, trie_subtree, states, ns, node, t):
+    """The cache's verdict on text token t (trie node ``node``) from the row's ``ns`` looked-up
+    states: _ACCEPTED, _REJECTED or _ASK_PARSER."""
     uncertain = False
     for j in range(ns):
         e = state_entry[states[j]]
@@ -712,6 +746,64 @@ def _classify_token(G, flags, st, org, row_ptr, meta, state_entry, ent, ids, bit
                 if node < top + trie_subtree[top]:
                     uncertain = True
     return _ASK_PARSER if uncertain else _REJECTED
+
+
+@numba.njit(**_KERNEL)
+def _check_tokens(G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, state_entry, ent, ids, bits,
+                  token_node, trie_subtree, token_bytes, token_offsets, token_kind, special_sym, is_stop, states,
+                  seen, toks, start, verdicts):
+    """Would each token of ``toks[start:start + 64]`` be accepted from the chart's last row?
+
+    ``toks`` is an int64 array or a tuple of ints (no array to build for a pair). Each token on
+    its own; the chart is left as it was. Text tokens the cache decides cost a lookup; uncertain
+    ones (or all, while a row state has no cache entry) are parsed byte by byte in scratch rows past
+    the last one. Returns (0, end, verdicts) with bit i - start of ``verdicts`` set for an accepted
+    ``toks[i]``; (_BAD_ID, i, verdicts) for an id outside the vocabulary; (GROW or LIMIT, i,
+    verdicts) when the parser needs room on token i, with ``meta[0]`` left at the row that needed
+    it (the caller grows or raises, restores ``meta[0]`` and resumes at i with these verdicts).
+    """
+    n0 = meta[0]
+    ns, missing = _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen)
+    vocab = token_kind.shape[0]
+    end = min(len(toks), start + (64 - start % 64))
+    for i in range(start, end):
+        t = toks[i]
+        bit = np.int64(1) << np.int64(i % 64)
+        if t < 0 or t >= vocab:
+            return _BAD_ID, i, verdicts
+        sym = special_sym[t]
+        if sym >= 0:
+            r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, sym, max_items)
+            if r < 0:
+                return r, i, verdicts
+            meta[0] = n0
+            if r > 0:
+                verdicts |= bit
+            continue
+        if is_stop[t]:
+            if is_accepting(G, st, org, row_ptr, meta):
+                verdicts |= bit
+            continue
+        if token_kind[t] != KIND_TEXT:
+            continue
+        if missing == 0:
+            c = _cache_verdict(state_entry, ent, ids, bits, trie_subtree, states, ns, token_node[t], t)
+            if c != _ASK_PARSER:
+                if c == _ACCEPTED:
+                    verdicts |= bit
+                continue
+        ok = True
+        for j in range(token_offsets[t], token_offsets[t + 1]):
+            r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, np.int32(token_bytes[j]), max_items)
+            if r < 0:
+                return r, i, verdicts
+            if r == 0:
+                ok = False
+                break
+        meta[0] = n0
+        if ok:
+            verdicts |= bit
+    return 0, end, verdicts
 
 
 @numba.njit(**_KERNEL)

@@ -200,6 +200,7 @@ def _force_stop(particle: Particle, row: np.ndarray, eos: list[int], rng: np.ran
         particle.log_weight = -math.inf
         return
     ids = [e for e in eos if e < row.size]
+    row = row.astype(np.float64)  # the logits may be float32
     top = row.max()
     shifted = np.exp(row - top)
     stop_mass = shifted[ids].sum() / shifted.sum() if ids else 0.0

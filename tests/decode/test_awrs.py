@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stencil.decode.awrs import AWRS, KeyOrder, LazyOrder, awrs_core
+from stencil.decode.awrs import AWRS, BLOCK, KeyOrder, LazyOrder, PrefetchOrder, awrs_core
 from stencil.decode.sampling import constraint_allowed_tokens
 
 from .toy_constraints import AllowAll, Recording, TokenDFA, chi2_pvalue, chi2_same_distribution, fixed_set
@@ -83,8 +83,14 @@ class _FractionMasses:
         return sum((p for p, ok in zip(self.probs, valid) if ok), Fraction(0))
 
 
-def enumerate_awrs(probs: list[Fraction], valid: set[int], estimator: str, max_rejections: int):
-    """Every run of the AWRS core: a list of (probability, draws1, draws2, outcome, checked)."""
+def enumerate_awrs(probs: list[Fraction], valid: set[int], estimator: str, max_rejections: int,
+                   prefetch: bool = False):
+    """Every run of the AWRS core: a list of (probability, draws1, draws2, outcome, checked).
+
+    ``prefetch``: the first loop's order runs one draw ahead through :class:`PrefetchOrder`, whose
+    judge answers for every token it is given (as ``GrammarMatcher.try_tokens`` does), as the
+    sampler runs the recursive estimator on a matcher.
+    """
     vocab = len(probs)
     support = [t for t in range(vocab) if probs[t] > 0]
     masses = _FractionMasses(probs)
@@ -99,15 +105,19 @@ def enumerate_awrs(probs: list[Fraction], valid: set[int], estimator: str, max_r
             checked.append(t)
             return t in valid
 
+        order = _ScriptedOrder(d1, support, 1)
+        if prefetch:
+            order = PrefetchOrder(order, lambda tokens: [check(t) for t in tokens])
         try:
             out = awrs_core(
                 masses,
-                check,
+                order.check if prefetch else check,
                 lambda: mask,
-                _ScriptedOrder(d1, support, 1),
+                order,
                 lambda excluded: _ScriptedOrder(d2, [t for t in support if t not in excluded], 2),
                 estimator=estimator,
                 max_rejections=max_rejections,
+                final_check=order.check_final if prefetch else None,
             )
         except _NeedDraw as need:
             left = sum(probs[t] for t in need.available)
@@ -158,10 +168,10 @@ def check_exact_enumeration(probs: list[Fraction], valid: set[int]) -> None:
     """Exactness, proper weighting and unbiasedness of both estimators, for three budgets."""
     vocab = len(probs)
     z = sum((probs[t] for t in valid), Fraction(0))
-    for estimator in ESTIMATORS:
+    for estimator, prefetch in [("recursive", False), ("recursive", True), ("two_loop", False)]:
         by_script = {}
         for max_rejections in (1, 2, 64):
-            runs = enumerate_awrs(probs, valid, estimator, max_rejections)
+            runs = enumerate_awrs(probs, valid, estimator, max_rejections, prefetch)
             assert sum(r[0] for r in runs) == 1
             p_token = [Fraction(0)] * vocab
             weighted = [Fraction(0)] * vocab
@@ -170,6 +180,8 @@ def check_exact_enumeration(probs: list[Fraction], valid: set[int]) -> None:
                 assert len(set(checked)) == len(checked), "a token was checked twice"
                 assert all(probs[t] > 0 for t in checked), "a zero-probability token was checked"
                 assert out.rejections <= max_rejections
+                if prefetch and not out.fallback:
+                    assert len(checked) <= out.rejections + 2  # nothing judged ahead goes unused
                 mean_z += prob * out.weight
                 if out.token is None:
                     assert z == 0 and out.weight == 0
@@ -278,9 +290,10 @@ def _plackett_luce(weights: list[float], prefix: tuple[int, ...], excluded: froz
 
 @pytest.mark.parametrize("excluded", [(), (0,), (3, 1)])
 def test_lazy_order_is_sampling_without_replacement(excluded):
-    # Token 0 holds most of the mass, so drawing it makes the order rebuild its cumulative sum.
+    # Token 0 holds most of the mass: drawing it leaves a remaining mass far below the drawn one.
     weights = [5.0, 1.0, 0.0, 2.0, 0.5, 1.5]
-    w = np.array(weights)
+    with np.errstate(divide="ignore"):
+        w = np.log(np.array(weights))  # the order takes logits
     rng = np.random.default_rng(31)
     counts: Counter = Counter()
     n = 6000
@@ -299,7 +312,8 @@ def test_lazy_order_is_sampling_without_replacement(excluded):
 
 @pytest.mark.parametrize("steps_first", [0, 1, 2])
 def test_lazy_order_skip_to_valid_has_the_law_of_stepping(steps_first):
-    weights = np.array([3.0, 1.0, 0.0, 2.0, 0.5, 1.5, 0.7])
+    with np.errstate(divide="ignore"):
+        weights = np.log(np.array([3.0, 1.0, 0.0, 2.0, 0.5, 1.5, 0.7]))
     valid = np.array([False, False, True, False, True, False, True])
     rng = np.random.default_rng(41 + steps_first)
 
@@ -323,7 +337,97 @@ def test_lazy_order_skip_to_valid_has_the_law_of_stepping(steps_first):
     assert chi2_same_distribution([stepped[c] for c in cells], [skipped[c] for c in cells]) > 1e-4
 
 
+def _spread_weights() -> np.ndarray:
+    """Weights over three blocks and a partial fourth: six heavy tokens, a light rest, some zeros."""
+    w = np.full(3 * BLOCK + 17, 0.002)
+    w[[5, 40, 41, 100]] = 0.0
+    for t, x in zip([3, BLOCK, BLOCK + 6, 2 * BLOCK - 1, 2 * BLOCK + 2, 3 * BLOCK + 16], [5, 1, 2, 0.5, 1.5, 3]):
+        w[t] = x
+    return w
+
+
+@pytest.mark.parametrize("excluded", [(), (3, 2 * BLOCK + 2, 7)])
+def test_lazy_order_across_blocks_is_sampling_without_replacement(excluded):
+    """The law of the first two draws (light tokens lumped into one cell) and that a whole run
+    produces every token of positive weight once, with a padded tail (``own``) never produced."""
+    w = _spread_weights()
+    own = w.size - 1  # the last (heavy) token is padding: never produced
+    heavy = {t for t in range(own) if w[t] >= 0.5}
+    rng = np.random.default_rng(7)
+    counts: Counter = Counter()
+    n = 6000
+    with np.errstate(divide="ignore"):
+        logits = np.log(w).astype(np.float32)  # float32 logits, as a model gives them
+    for i in range(n):
+        order = LazyOrder(logits, rng, own=own, excluded=excluded)
+        if i < 20:
+            seq = []
+            while (t := order.next()) is not None:
+                seq.append(t)
+            expected = [t for t in range(own) if w[t] > 0 and t not in excluded]
+            assert sorted(seq) == expected
+        else:
+            seq = [order.next(), order.next()]
+        counts[tuple(t if t in heavy else -1 for t in seq[:2])] += 1
+    p = np.exp(logits.astype(np.float64))
+    p[own:] = 0.0
+    p[list(excluded)] = 0.0
+    expected: Counter = Counter()
+    first = p / p.sum()
+    for a in np.flatnonzero(p):
+        rest = p.copy()
+        rest[a] = 0.0
+        second = rest / rest.sum()
+        for b in np.flatnonzero(rest):
+            expected[(a if a in heavy else -1, b if b in heavy else -1)] += first[a] * second[b] * n
+    cells = sorted(set(expected) | set(counts))
+    assert chi2_pvalue([counts[c] for c in cells], [expected[c] for c in cells]) > 1e-4
+
+
+@pytest.mark.parametrize("steps_first", [0, 2])
+def test_lazy_order_across_blocks_skip_to_valid_has_the_law_of_stepping(steps_first):
+    w = _spread_weights()
+    with np.errstate(divide="ignore"):
+        logits = np.log(w)
+    valid = np.zeros(w.size, dtype=bool)
+    valid[[BLOCK + 6, 2 * BLOCK + 1, 2 * BLOCK + 9, 3 * BLOCK + 16]] = True  # heavy, light, light, heavy
+    rng = np.random.default_rng(3 + steps_first)
+
+    def outcome(skip: bool):
+        order = LazyOrder(logits, rng)
+        for _ in range(steps_first):
+            t = order.next()
+            if valid[t]:
+                return ("stopped early", t)
+        if skip:
+            return order.skip_to_valid(valid)[0]
+        while not valid[t := order.next()]:
+            pass
+        return t
+
+    stepped = Counter(outcome(False) for _ in range(4000))
+    skipped = Counter(outcome(True) for _ in range(4000))
+    cells = sorted(set(stepped) | set(skipped), key=repr)
+    assert chi2_same_distribution([stepped[c] for c in cells], [skipped[c] for c in cells]) > 1e-4
+
+
 # --------------------------------------------------------------------------- statistical checks
+
+
+class Batched(Recording):
+    """A recorded constraint that also judges several tokens per call (``try_tokens``, as
+    ``GrammarMatcher`` does), so the sampler takes its judge-ahead path."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.batches: list[list[int]] = []
+
+    def try_tokens(self, token_ids) -> list[bool]:
+        self.batches.append(list(token_ids))
+        return [self.try_token(t) for t in token_ids]
+
+    def fork(self) -> Batched:
+        return Batched(self.inner.fork())
 
 
 def _empirical(sampler: AWRS, logits, constraint, n: int):
@@ -370,15 +474,18 @@ def test_no_valid_token_kills_the_particle(estimator):
         assert r.token == -1 and r.log_weight == -math.inf
 
 
-@pytest.mark.parametrize(("estimator", "max_rejections"), [("recursive", 2), ("two_loop", 64)])
-def test_conditional_exactness_mid_size_vocabulary(estimator, max_rejections):
+@pytest.mark.parametrize(
+    ("estimator", "max_rejections", "wrap"),
+    [("recursive", 2, Recording), ("recursive", 5, Batched), ("two_loop", 64, Recording)],
+)
+def test_conditional_exactness_mid_size_vocabulary(estimator, max_rejections, wrap):
     vocab = 1000
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(vocab, generator=gen) * 2.0
     allowed = torch.randperm(vocab, generator=gen)[:250].tolist()
     sampler = AWRS(estimator=estimator, max_rejections=max_rejections, seed=17)
     n = 6000
-    tokens, log_w = _empirical(sampler, logits, fixed_set(vocab, allowed), n)
+    tokens, log_w = _empirical(sampler, logits, wrap(fixed_set(vocab, allowed)), n)
     probs = logits.double().softmax(-1).numpy()
     valid = np.zeros(vocab, dtype=bool)
     valid[allowed] = True
@@ -413,8 +520,9 @@ def test_padded_logits_are_invalid_mass_never_checked(estimator, max_rejections)
     assert abs(weights.mean() - z) < 4 * weights.std() / math.sqrt(n) + 1e-12
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_eos_allowed_exactly_when_complete(estimator):
+@pytest.mark.parametrize(("estimator", "wrap"), [("recursive", Recording), ("recursive", Batched),
+                                                 ("two_loop", Recording)])
+def test_eos_allowed_exactly_when_complete(estimator, wrap):
     vocab, eos = 12, [10, 11]
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(6))
     probs = logits.double().softmax(-1).numpy()
@@ -424,7 +532,7 @@ def test_eos_allowed_exactly_when_complete(estimator):
         sampler = AWRS(eos_ids=eos, estimator=estimator, seed=8)
         counts = np.zeros(vocab)
         for _ in range(3000):
-            rec = Recording(inner)
+            rec = wrap(inner)
             r = sampler.sample(logits, rec)
             counts[r.token] += 1
             assert not set(rec.tried) & set(eos), "try_token must never see a stop id"
@@ -437,8 +545,9 @@ def test_eos_allowed_exactly_when_complete(estimator):
         assert chi2_pvalue(counts[valid], target[valid] * counts.sum()) > 1e-4
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_cost_bounds_and_reproducibility(estimator):
+@pytest.mark.parametrize(("estimator", "wrap"), [("recursive", Recording), ("recursive", Batched),
+                                                 ("two_loop", Recording)])
+def test_cost_bounds_and_reproducibility(estimator, wrap):
     vocab = 300
     gen = torch.Generator().manual_seed(9)
     logits = torch.randn(vocab, generator=gen) * 3.0
@@ -451,8 +560,12 @@ def test_cost_bounds_and_reproducibility(estimator):
         sampler = AWRS(eos_ids=[0], estimator=estimator, max_rejections=16, seed=seed)
         trace = []
         for _ in range(200):
-            rec = Recording(fixed_set(vocab, allowed, completed=True))
+            rec = wrap(fixed_set(vocab, allowed, completed=True))
             r = sampler.sample(logits, rec)
+            if wrap is Batched:
+                assert len(rec.batches) <= (r.rejections + 2) // 2 + 1 and all(len(b) <= 2 for b in rec.batches)
+                if not r.fallback:  # every token judged ahead was used: the candidates and the peek
+                    assert len(rec.tried) <= r.rejections + 2
             assert not zero_set & set(rec.tried), "a zero-probability token was checked"
             assert len(set(rec.tried)) == len(rec.tried), "a token was checked twice"
             assert r.checks == len(rec.tried) + rec.completed_calls

@@ -1,0 +1,105 @@
+"""``GrammarMatcher.try_tokens``, the batch check AWRS uses, against the brute-force mask.
+
+At states reached by random walks through real grammars (a JSON Schema with strings, enums and
+numbers, and a regex), with two real tokenizers, the verdicts of ``try_tokens`` on a batch that
+mixes accepted, rejected, uncertain, special, stop and repeated ids must equal the brute-force
+mask (every token run through the parser), leave the matcher's state unchanged, and agree with
+``try_token`` one by one. Bad ids raise a typed error; a terminated matcher accepts nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import numpy as np
+import pytest
+
+from stencil.decode.matcher import GrammarMatcher
+from stencil.errors import StencilError
+from stencil.grammar.compiler import GrammarCompiler
+from stencil.grammar.vocab import TokenizerInfo
+from tests.conftest import tokenizer_dir
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["alpha", "beta", "gamma"]},
+        "n": {"type": "integer"},
+        "xs": {"type": "array", "items": {"type": "number"}},
+    },
+    "required": ["name", "kind"],
+}
+REGEX = r"(yes|no)( [a-z]{1,6}){0,3}\."
+
+
+@functools.cache
+def compiler(name: str) -> GrammarCompiler:
+    return GrammarCompiler(TokenizerInfo.from_file(tokenizer_dir(name)), warm_up=False)
+
+
+def snapshot(m: GrammarMatcher) -> tuple:
+    rec = m._rec
+    n = int(rec._meta[0])
+    end = int(rec._row_ptr[n])
+    return n, rec._st[:end].tobytes(), rec._org[:end].tobytes(), m.num_accepted_tokens, m.is_completed()
+
+
+def batch_for(m: GrammarMatcher, oracle: np.ndarray, rng: random.Random) -> list[int]:
+    """Accepted and rejected ids, every stop and special id, and a repeat."""
+    vocab = oracle.size
+    ok = np.flatnonzero(oracle).tolist()
+    bad = np.flatnonzero(~oracle).tolist()
+    info = m.tokenizer_info
+    ids = rng.sample(ok, min(12, len(ok))) + rng.sample(bad, min(12, len(bad)))
+    ids += list(info.stop_token_ids) + [int(t) for t in np.flatnonzero(info.token_kind != info.KIND_TEXT)[:4]]
+    ids += [rng.randrange(vocab) for _ in range(8)]
+    ids.append(ids[0])
+    rng.shuffle(ids)
+    return ids
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "llama3"])
+@pytest.mark.parametrize("grammar", ["schema", "regex"])
+def test_try_tokens_matches_brute_force(tokenizer, grammar):
+    c = compiler(tokenizer)
+    cg = c.compile_json_schema(SCHEMA) if grammar == "schema" else c.compile_regex(REGEX)
+    rng = random.Random(f"{tokenizer}-{grammar}")
+    for walk in range(3):
+        m = GrammarMatcher(cg)
+        for _ in range(12):
+            oracle = m.brute_force_mask()
+            before = snapshot(m)
+            ids = batch_for(m, oracle, rng)
+            got = m.try_tokens(ids)
+            assert got == [bool(oracle[t]) for t in ids]
+            assert snapshot(m) == before, "try_tokens changed the state"
+            assert [m.try_token(t) for t in ids] == got
+            for pair in zip(ids[::2], ids[1::2]):  # the two-token path AWRS takes
+                assert m.try_tokens(pair) == [bool(oracle[t]) for t in pair]
+            if walk == 0 and rng.random() < 0.5:
+                m.fill_next_token_bitmask(np.zeros((1, (oracle.size + 31) // 32), np.int32))  # cache state
+            allowed = np.flatnonzero(oracle)
+            if allowed.size == 0:
+                break
+            t = int(rng.choice(allowed.tolist()))
+            assert m.accept_token(t)
+            if m.is_terminated():
+                assert not any(m.try_tokens(ids))
+                break
+
+
+def test_try_tokens_rejects_bad_ids_and_keeps_state():
+    c = compiler("gpt2")
+    m = GrammarMatcher(c.compile_regex(REGEX))
+    assert m.accept_string("ye")
+    before = snapshot(m)
+    vocab = m.compiled.vocab_size
+    for bad in ([vocab], [-1], [0, vocab + 5]):
+        with pytest.raises(StencilError, match="outside the vocabulary"):
+            m.try_tokens(bad)
+        assert snapshot(m) == before
+    assert m.try_tokens([]) == []
+    many = list(range(200)) * 2  # more than one kernel call's 64
+    assert m.try_tokens(many) == [m.try_token(t) for t in many]
