@@ -608,6 +608,12 @@ def _subset_dfa(nptr, nlo, nhi, nrule, ntgt, start, end, max_states):
     btg = np.empty(n_edges, np.int64)
     rr = np.empty(n_edges, np.int64)
     rt = np.empty(n_edges, np.int64)
+    cut_buf = np.empty(2 * n_edges, np.int64)
+    off_buf = np.empty(2 * n_edges + 1, np.int64)
+    fill_buf = np.empty(2 * n_edges, np.int64)
+    k0 = np.empty(n_edges, np.int64)
+    k1 = np.empty(n_edges, np.int64)
+    bucket = np.empty(64, np.int64)
     final = np.zeros(256, np.uint8)
     ptr = np.zeros(257, np.int64)
     olo = np.empty(1024, np.int64)
@@ -641,18 +647,29 @@ def _subset_dfa(nptr, nlo, nhi, nrule, ntgt, start, end, max_states):
                     nr += 1
         first_byte_edge = n_out
         if nb > 0:
-            cuts = np.unique(np.concatenate((blo[:nb], bhi[:nb] + 1)))
-            nc = cuts.shape[0]
-            k0 = np.searchsorted(cuts, blo[:nb])
-            k1 = np.searchsorted(cuts, bhi[:nb] + 1)
-            off = np.zeros(nc + 1, np.int64)
+            # elementary intervals between the sorted, distinct range boundaries (scratch arrays, no allocation)
             for x in range(nb):
+                cut_buf[2 * x] = blo[x]
+                cut_buf[2 * x + 1] = bhi[x] + 1
+            cut_buf[:2 * nb].sort()
+            nc = 0
+            for x in range(2 * nb):
+                if nc == 0 or cut_buf[x] != cut_buf[nc - 1]:
+                    cut_buf[nc] = cut_buf[x]
+                    nc += 1
+            cuts = cut_buf[:nc]
+            off = off_buf[:nc + 1]
+            off[:] = 0
+            for x in range(nb):
+                k0[x] = np.searchsorted(cuts, blo[x])
+                k1[x] = np.searchsorted(cuts, bhi[x] + 1)
                 for kk in range(k0[x], k1[x]):
                     off[kk + 1] += 1
             for kk in range(nc):
                 off[kk + 1] += off[kk]
-            fill = off[:-1].copy()
-            bucket = np.empty(off[nc], np.int64)
+            bucket = _grown(bucket, off[nc])
+            fill = fill_buf[:nc]
+            fill[:] = off[:nc]
             for x in range(nb):
                 for kk in range(k0[x], k1[x]):
                     bucket[fill[kk]] = btg[x]
@@ -1387,27 +1404,46 @@ def _pack(names: list[str], exprs: list[Expr], root: int, autos: Sequence[_RuleA
     return g
 
 
+def derivable_rules(g: Grammar, read_bytes: bool) -> np.ndarray:
+    """Which rules derive a string, as uint8 flags: with ``read_bytes`` any string (productive
+    rules), without it the empty string (nullable rules). A fixpoint over the automata."""
+    return _derivable(g.rule_start, g.state_final, g.edge_ptr, g.edge_rule, g.edge_target, read_bytes)
+
+
 def _nullable(g: Grammar) -> np.ndarray:
-    """Fixpoint: a rule is nullable if a path of nullable rule edges leads from its start to a final state."""
-    nullable = np.zeros(g.n_rules, np.uint8)
+    return derivable_rules(g, False)
+
+
+@njit(cache=True, nogil=True)
+def _derivable(rule_start, state_final, edge_ptr, edge_rule, edge_target, read_bytes):
+    n_rules = rule_start.shape[0]
+    ok = np.zeros(n_rules, np.uint8)
+    seen = np.zeros(state_final.shape[0], np.int64)
+    stack = np.empty(state_final.shape[0], np.int64)
+    gen = 0
     changed = True
     while changed:
         changed = False
-        for r in range(g.n_rules):
-            if nullable[r]:
+        for r in range(n_rules):
+            if ok[r]:
                 continue
-            start = int(g.rule_start[r])
-            seen = {start}
-            stack = [start]
-            while stack:
-                s = stack.pop()
-                if g.state_final[s]:
-                    nullable[r] = 1
+            gen += 1
+            seen[rule_start[r]] = gen
+            stack[0] = rule_start[r]
+            sp = 1
+            while sp > 0:
+                sp -= 1
+                s = stack[sp]
+                if state_final[s]:
+                    ok[r] = 1
                     changed = True
                     break
-                for e in range(g.edge_ptr[s], g.edge_ptr[s + 1]):
-                    ref = g.edge_rule[e]
-                    if ref >= 0 and nullable[ref] and g.edge_target[e] not in seen:
-                        seen.add(int(g.edge_target[e]))
-                        stack.append(int(g.edge_target[e]))
-    return nullable
+                for e in range(edge_ptr[s], edge_ptr[s + 1]):
+                    ref = edge_rule[e]
+                    if (ref < 0 and read_bytes) or (ref >= 0 and ok[ref]):
+                        t = edge_target[e]
+                        if seen[t] != gen:
+                            seen[t] = gen
+                            stack[sp] = t
+                            sp += 1
+    return ok

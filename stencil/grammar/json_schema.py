@@ -50,6 +50,7 @@ from stencil.grammar.ir import (
     Ref,
     Repeat,
     alt,
+    derivable_rules,
     lit,
     opt,
     seq,
@@ -1591,6 +1592,7 @@ def _num_atom_holds(a: tuple, x: Decimal) -> bool:
 
 _RAW_WRITABLE: lx.Ranges = lx.subtract_ranges(((0x20, lx.MAX_CODE_POINT),), ((0x22, 0x22), (0x5C, 0x5C)))
 _REPEAT_CHUNK = 256
+_FLAT_COUNT = 1024  # bounds up to this many repetitions are deterministic counters (see up_to)
 _MAX_AUTOMATON = 20_000
 _MAX_ANY_ORDER_STATES = 4096
 
@@ -1609,7 +1611,7 @@ class _Compiler(_Normalizer):
             g = self.b.build("root")
         except GrammarError as e:
             raise SchemaError(f"schema too large to compile: {e}") from None
-        if not _productive(g)[g.root]:
+        if not derivable_rules(g, read_bytes=True)[g.root]:
             raise UnsatisfiableSchemaError("the schema accepts no JSON value")
         return g
 
@@ -1809,12 +1811,30 @@ class _Compiler(_Normalizer):
         return seq(self.exactly(self.chunk(unit), q), Repeat(unit, r, r))
 
     def up_to(self, unit: Expr, m: int) -> Expr:
+        """``unit`` repeated 0..m times.
+
+        Up to ``_FLAT_COUNT`` repetitions this is a flat counter: every prefix has one derivation,
+        which keeps the mask walk in its deterministic (stack) mode. Exactly that needs m + 1
+        states: a rule that may end at any count cannot also let its caller read more units
+        without two derivations competing for the next unit, so a compact encoding of a bound
+        always has prefixes with two live derivations. Beyond ``_FLAT_COUNT`` repetitions the
+        rest is therefore counted in chunks of 256 (two derivations alive from there on), which
+        keeps huge bounds small.
+        """
+        if m <= _FLAT_COUNT:
+            return Repeat(unit, 0, m)
+        return alt(Repeat(unit, 0, _FLAT_COUNT - 1), seq(Repeat(unit, _FLAT_COUNT, _FLAT_COUNT),
+                                                          self.chunked_up_to(unit, m - _FLAT_COUNT)))
+
+    def chunked_up_to(self, unit: Expr, m: int) -> Expr:
+        """``unit`` repeated 0..m times as chunk rules of 256 units and a remainder (small for any m)."""
         if m <= _REPEAT_CHUNK:
             return Repeat(unit, 0, m)
         q, r = divmod(m, _REPEAT_CHUNK)
         c = self.chunk(unit)
         # m = q*C + r: lengths j*C + t with j < q, t < C, or j = q, t <= r.
-        return alt(seq(self.up_to(c, q - 1), Repeat(unit, 0, _REPEAT_CHUNK - 1)), seq(self.exactly(c, q), Repeat(unit, 0, r)))
+        return alt(seq(self.chunked_up_to(c, q - 1), Repeat(unit, 0, _REPEAT_CHUNK - 1)),
+                   seq(self.exactly(c, q), Repeat(unit, 0, r)))
 
     # -- arrays ---------------------------------------------------------------------------
 
@@ -2154,32 +2174,6 @@ class _Compiler(_Normalizer):
                     d = lx.with_length(lx.UNIVERSE, lo, hi, self.MAX_DFA)
             out = d if out is None else lx.union(out, d, self.MAX_DFA)
         return out if out is not None else lx.strings_dfa([])
-
-
-def _productive(g: Grammar) -> list[bool]:
-    """Which rules derive at least one string (a fixpoint over the automata)."""
-    prod = [False] * g.n_rules
-    changed = True
-    while changed:
-        changed = False
-        for r in range(g.n_rules):
-            if prod[r]:
-                continue
-            start = int(g.rule_start[r])
-            seen = {start}
-            stack = [start]
-            while stack:
-                s = stack.pop()
-                if g.state_final[s]:
-                    prod[r] = changed = True
-                    break
-                for e in range(g.edge_ptr[s], g.edge_ptr[s + 1]):
-                    ref = int(g.edge_rule[e])
-                    t = int(g.edge_target[e])
-                    if (ref < 0 or prod[ref]) and t not in seen:
-                        seen.add(t)
-                        stack.append(t)
-    return prod
 
 
 # ----------------------------------------------------------------------------------------------
