@@ -654,17 +654,17 @@ class _Verdicts:
         self.checks += 1
         return bool(self.constraint.try_token(token))
 
-    def judge(self, tokens: list[int]) -> list[bool]:
+    def judge(self, tokens: list[int]) -> Sequence[bool]:
         """Verdicts on ``tokens``: the first always; the others (tokens judged ahead) only where
         that costs no extra call, so the list may be shorter."""
+        eos = self.eos_ids
         first = tokens[0]
-        if first in self.eos_ids:
+        if first in eos:
             return [self.completed()]
-        rest = [t for t in tokens[1:] if t not in self.eos_ids]
-        if self._many is None or len(rest) < len(tokens) - 1:
+        if self._many is None or any(t in eos for t in tokens[1:]):
             return [self.check(first)]
         self.checks += len(tokens)
-        return [bool(v) for v in self._many(tokens)]
+        return self._many(tokens)  # PrefetchOrder makes each verdict a bool
 
     def full_mask(self) -> np.ndarray:
         allowed = constraint_allowed_tokens(

@@ -14,6 +14,7 @@ the first time are classified first, lazily.
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -49,7 +50,35 @@ _REJECTED = 0
 _ACCEPTED = 1
 _ASK_PARSER = 2
 
-_BAD_ID = -3  # _check_tokens status: a token id outside the vocabulary
+# _check_tokens fails with -(4 * payload + code): the payload is the token's index for _BAD_ID
+# (an id outside the vocabulary), the chart's row count before the call for _GROWS and _LIMITED
+# (the parser needs more room, or hit max_items_per_row; meta[0] is left at the row that did).
+_BAD_ID = 1
+_GROWS = 2
+_LIMITED = 3
+_CHUNK = 63  # tokens per _check_tokens call: their verdict bits make a non-negative int64
+
+# _token_codes: what each token id is to the check kernel (a text token's code is its trie node + 1)
+_CODE_OTHER = -1  # padding, or a special token the grammar does not name: always rejected
+_CODE_STOP = -2  # allowed exactly when the grammar is complete
+_CODE_SYMBOL = -3  # a special token the grammar names as symbol sym has code _CODE_SYMBOL - sym
+
+_codes_of_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_check_entries: dict[tuple, tuple] = {}  # argument types of a bound tuple -> _check_entry_points
+
+
+def _token_codes(cache) -> np.ndarray:
+    """int32[vocab]: each token's role and trie node in one array (see _CODE_*), made once per mask
+    cache, so the check kernel reads one array (one cache line per token) instead of four."""
+    codes = _codes_of_cache.get(cache)
+    if codes is None:
+        info = cache.info
+        codes = np.where(info.token_kind == KIND_TEXT, cache.forest.token_node + 1, _CODE_OTHER).astype(np.int32)
+        codes[cache.is_stop] = _CODE_STOP
+        special = cache.special_symbol_of_token >= 0
+        codes[special] = _CODE_SYMBOL - cache.special_symbol_of_token[special]
+        _codes_of_cache[cache] = codes
+    return codes
 
 
 class GrammarMatcher:
@@ -67,7 +96,11 @@ class GrammarMatcher:
         self._history: list[int] = []  # symbols consumed per accepted token (-1: a stop token)
         self._terminated = False
         self._scratch: tuple | None = None  # scratch of the mask kernels, made on first use
-        self._check_args: tuple | None = None  # _check_tokens' fixed arguments, gathered on first use
+        # _check_tokens' arguments, gathered on first use and again when the chart grows or the cache
+        # publishes new pools (_bound_pools is the pools snapshot they hold).
+        self._bound: tuple | None = None
+        self._bound_pools: tuple | None = None
+        self._entries: tuple = ()  # _check_entry_points of the bound tuple
 
     # -- state -----------------------------------------------------------------------------
 
@@ -87,7 +120,9 @@ class GrammarMatcher:
         other._history = list(self._history)
         other._terminated = self._terminated
         other._scratch = None
-        other._check_args = None
+        other._bound = None
+        other._bound_pools = None
+        other._entries = ()
         return other
 
     def is_completed(self) -> bool:
@@ -143,15 +178,15 @@ class GrammarMatcher:
         The mask cache answers for tokens its states accept or reject outright; only uncertain
         tokens (and states not classified yet) run the parser, in the same kernel call.
         """
-        t = self._check_id(token_id)
         if self._terminated:
+            self._check_id(token_id)
             return False
-        return self._check_tokens((t,), 0) == 1
+        return self._check_tokens((int(token_id),), 0) == 1
 
     def try_tokens(self, token_ids: Sequence[int] | np.ndarray) -> list[bool]:
         """Would ``accept_token`` succeed for each of ``token_ids``, on its own, from here?
 
-        The state does not change. One kernel call answers up to 64 tokens (what a sampler that
+        The state does not change. One kernel call answers up to 63 tokens (what a sampler that
         checks a few candidates at once wants): the cache states are looked up once, and uncertain
         tokens run the parser in the same call.
         """
@@ -165,39 +200,47 @@ class GrammarMatcher:
                 self._check_id(t)
             return [False] * n
         out: list[bool] = []
-        for start in range(0, n, 64):
+        for start in range(0, n, _CHUNK):
             bits = self._check_tokens(toks, start)
-            out.extend(bits >> i & 1 == 1 for i in range(min(64, n - start)))
+            out.extend(bits >> i & 1 == 1 for i in range(min(_CHUNK, n - start)))
         return out
 
     def _check_tokens(self, toks: tuple[int, ...] | np.ndarray, start: int) -> int:
-        """Verdicts on ``toks[start:start + 64]`` (not terminated) as bits; raises on a bad id."""
-        if self._check_args is None:
-            cache = self._cache
-            info = self.tokenizer_info
-            states, seen, _, _ = self._scratch_arrays()
-            self._check_args = (cache.forest.token_node, cache.forest.trie_subtree, info.token_bytes,
-                                info.token_offsets, info.token_kind, cache.special_symbol_of_token, cache.is_stop,
-                                states, seen)
+        """Verdicts on ``toks[start:start + _CHUNK]`` (not terminated) as bits; raises on a bad id.
+
+        The hot path of AWRS and check-first sampling, so it does little besides the kernel call:
+        the arguments are one bound tuple, still valid while the chart's and the cache's arrays are
+        the ones it holds (compared by identity), and the kernel answers with one int.
+        """
         rec = self._rec
-        n0 = int(rec._meta[0])
-        bits = 0
-        while True:
-            r, at, bits = _check_tokens(rec.G, self._cache.flags, rec._st, rec._org, rec._row_ptr, rec._ht_key,
-                                        rec._ht_gen, rec._meta, rec.max_items_per_row, *self._cache.pools,
-                                        *self._check_args, toks, start, bits)
-            if r == 0:
-                return bits
-            start = at
-            if r == _BAD_ID:
-                self._check_id(int(toks[at]))
-            if r == GROW:
-                rec._grow()
-                rec._meta[0] = n0
-            else:
+        b = self._bound
+        if (b is None or b[2] is not rec._st or b[4] is not rec._row_ptr or b[5] is not rec._ht_key
+                or self._bound_pools is not self._cache.pools):
+            b = self._bind()
+        r = (self._entries[len(toks) - 1] if type(toks) is tuple else _check_tokens)(*b, toks, start)
+        while r < 0:
+            code, payload = -r & 3, -r >> 2
+            if code == _BAD_ID:
+                self._check_id(int(toks[payload]))  # raises: the kernel's vocabulary is the compiled one
+            if code == _LIMITED:
                 at = int(rec._meta[0]) - 1
-                rec._meta[0] = n0
+                rec._meta[0] = payload
                 rec._check(LIMIT, at)
+            rec._grow()
+            rec._meta[0] = payload
+            r = _check_tokens(*self._bind(), toks, start)
+        return r
+
+    def _bind(self) -> tuple:
+        """Gather _check_tokens' arguments from the chart and the cache as they are now."""
+        rec, cache, info = self._rec, self._cache, self.tokenizer_info
+        states, seen, _, _ = self._scratch_arrays()
+        self._bound_pools = pools = cache.pools
+        self._bound = (rec.G, cache.flags, rec._st, rec._org, rec._row_ptr, rec._ht_key, rec._ht_gen, rec._meta,
+                       rec.max_items_per_row, *pools, cache.forest.trie_subtree, info.token_bytes,
+                       info.token_offsets, _token_codes(cache), states, seen)
+        self._entries = _check_entry_points(self._bound)
+        return self._bound
 
     def accept_bytes(self, data: bytes) -> bool:
         """Advance over raw bytes (not tokens); all or nothing. Counts as one step for rollback."""
@@ -748,46 +791,61 @@ def _cache_verdict(state_entry, ent, ids, bits, trie_subtree, states, ns, node, 
     return _ASK_PARSER if uncertain else _REJECTED
 
 
+def _check_entry_points(bound: tuple) -> tuple:
+    """:func:`_check_tokens` compiled for ``bound`` with a tuple of one token and of two, as plain callables.
+
+    Calling a compiled overload directly skips the dispatcher's typing of every argument. With
+    about twenty arrays that costs about 10 µs when the CPU caches are cold (in a decode loop, right
+    after the model wrote its logits), most of a check. The types are the ones numba gives these
+    very arguments, so the overload is the one the dispatcher would pick; the bound tuple is
+    re-typed whenever it is rebuilt.
+    """
+    types = tuple(numba.typeof(a, numba.core.typing.typeof.Purpose.argument) for a in bound)
+    entries = _check_entries.get(types)
+    if entries is None:
+        entries = tuple(_check_tokens.compile((*types, numba.types.UniTuple(numba.types.int64, k), numba.types.int64))
+                        for k in (1, 2))
+        _check_entries[types] = entries
+    return entries
+
+
 @numba.njit(**_KERNEL)
 def _check_tokens(G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, state_entry, ent, ids, bits,
-                  token_node, trie_subtree, token_bytes, token_offsets, token_kind, special_sym, is_stop, states,
-                  seen, toks, start, verdicts):
-    """Would each token of ``toks[start:start + 64]`` be accepted from the chart's last row?
+                  trie_subtree, token_bytes, token_offsets, token_code, states, seen, toks, start):
+    """Would each token of ``toks[start:start + _CHUNK]`` be accepted from the chart's last row?
 
-    ``toks`` is an int64 array or a tuple of ints (no array to build for a pair). Each token on
-    its own; the chart is left as it was. Text tokens the cache decides cost a lookup; uncertain
-    ones (or all, while a row state has no cache entry) are parsed byte by byte in scratch rows past
-    the last one. Returns (0, end, verdicts) with bit i - start of ``verdicts`` set for an accepted
-    ``toks[i]``; (_BAD_ID, i, verdicts) for an id outside the vocabulary; (GROW or LIMIT, i,
-    verdicts) when the parser needs room on token i, with ``meta[0]`` left at the row that needed
-    it (the caller grows or raises, restores ``meta[0]`` and resumes at i with these verdicts).
+    ``toks`` is an int64 array or a tuple of ints (no array to build for a pair); ``token_code`` is
+    :func:`_token_codes`. Each token on its own; the chart is left as it was. Text tokens the cache
+    decides cost a lookup; uncertain ones (or all, while a row state has no cache entry) are parsed
+    byte by byte in scratch rows past the last one. Returns the verdicts as bits (bit i - start set
+    for an accepted ``toks[i]``), or -(4 * payload + code) on failure (see _BAD_ID).
     """
     n0 = meta[0]
     ns, missing = _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen)
-    vocab = token_kind.shape[0]
-    end = min(len(toks), start + (64 - start % 64))
-    for i in range(start, end):
+    vocab = token_code.shape[0]
+    verdicts = np.int64(0)
+    for i in range(start, min(len(toks), start + _CHUNK)):
         t = toks[i]
-        bit = np.int64(1) << np.int64(i % 64)
         if t < 0 or t >= vocab:
-            return _BAD_ID, i, verdicts
-        sym = special_sym[t]
-        if sym >= 0:
-            r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, sym, max_items)
+            return -(4 * np.int64(i) + _BAD_ID)
+        bit = np.int64(1) << np.int64(i - start)
+        code = token_code[t]
+        if code <= _CODE_SYMBOL:
+            r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, np.int32(_CODE_SYMBOL - code), max_items)
             if r < 0:
-                return r, i, verdicts
+                return -(4 * n0 + (_GROWS if r == GROW else _LIMITED))
             meta[0] = n0
             if r > 0:
                 verdicts |= bit
             continue
-        if is_stop[t]:
+        if code == _CODE_STOP:
             if is_accepting(G, st, org, row_ptr, meta):
                 verdicts |= bit
             continue
-        if token_kind[t] != KIND_TEXT:
+        if code == _CODE_OTHER:
             continue
         if missing == 0:
-            c = _cache_verdict(state_entry, ent, ids, bits, trie_subtree, states, ns, token_node[t], t)
+            c = _cache_verdict(state_entry, ent, ids, bits, trie_subtree, states, ns, code - 1, t)
             if c != _ASK_PARSER:
                 if c == _ACCEPTED:
                     verdicts |= bit
@@ -796,14 +854,14 @@ def _check_tokens(G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, s
         for j in range(token_offsets[t], token_offsets[t + 1]):
             r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, np.int32(token_bytes[j]), max_items)
             if r < 0:
-                return r, i, verdicts
+                return -(4 * n0 + (_GROWS if r == GROW else _LIMITED))
             if r == 0:
                 ok = False
                 break
         meta[0] = n0
         if ok:
             verdicts |= bit
-    return 0, end, verdicts
+    return verdicts
 
 
 @numba.njit(**_KERNEL)

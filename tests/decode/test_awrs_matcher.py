@@ -103,3 +103,47 @@ def test_try_tokens_rejects_bad_ids_and_keeps_state():
     assert m.try_tokens([]) == []
     many = list(range(200)) * 2  # more than one kernel call's 64
     assert m.try_tokens(many) == [m.try_token(t) for t in many]
+
+
+def chart_arrays(m: GrammarMatcher) -> tuple:
+    """The chart's storage arrays (each growth replaces one)."""
+    return m._rec._st, m._rec._ht_key, m._rec._row_ptr
+
+
+def replaced(before: tuple, after: tuple) -> bool:
+    return any(a is not b for a, b in zip(before, after))
+
+
+def test_try_tokens_follows_the_chart_as_it_grows():
+    """``try_tokens`` binds its kernel arguments once; they must follow the chart when it grows,
+    inside a check (the parser needs room for a token's scratch rows) and between checks (accepted
+    tokens fill it). The oracle is ``accept_token`` plus ``rollback`` on a fork (the parser run
+    directly). The test also proves that both kinds of growth happened."""
+    c = compiler("gpt2")
+    cg = c.compile_builtin_json()
+    vocab = cg.vocab_size
+    rng = random.Random(7)
+    grew_inside = grew_between = 0
+    m = GrammarMatcher(cg)
+    text = '{"a": [1, 2.5, {"b": "' + "xy" * 600 + '"}, [true, null]], "c": {"d": [[[["e"]]]]}}'
+    pos = 0
+    while pos < len(text):
+        ch = text[pos:pos + rng.randint(1, 60)]  # long steps make the chart grow between checks too
+        pos += len(ch)
+        ids = [rng.randrange(vocab) for _ in range(6)] + [int(b) for b in ch[:1].encode()]
+        ref = m.fork()
+        want = []
+        for t in ids:
+            ok = ref.accept_token(t)
+            want.append(ok)
+            if ok:
+                ref.rollback(1)
+        arrays = chart_arrays(m)
+        assert m.try_tokens(ids[:2]) == want[:2]
+        assert m.try_tokens(ids) == want
+        grew_inside += replaced(arrays, chart_arrays(m))
+        arrays = chart_arrays(m)
+        assert m.accept_string(ch)
+        grew_between += replaced(arrays, chart_arrays(m))
+    assert grew_inside > 0 and grew_between > 0
+
