@@ -94,6 +94,7 @@ __all__ = [
     "state_flags",
     "grammar_sets",
     "min_lengths",
+    "byte_classes",
 ]
 
 # Per-state flags.
@@ -239,6 +240,41 @@ def min_lengths(G):
     return out
 
 
+_UTF8_CUTS = np.array([0x80, 0x90, 0xA0, 0xC0, 0xC2, 0xE0, 0xE1, 0xED, 0xEE, 0xF0, 0xF1, 0xF4, 0xF5], np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def byte_classes(G, utf8_cuts):
+    """Bytes the grammar cannot tell apart: (representatives, class of each byte, bytes of each class).
+
+    Two bytes in no byte edge's range boundary apart (and on the same side of every UTF-8
+    boundary in ``utf8_cuts``) are read the same way by every state, and every FIRST set holds
+    both or neither, so a stack step on one predicts the step on the other. Returns ``reps``
+    (int64, one byte per class, ascending), ``cls`` (int64[256]) and ``masks`` (uint64[n, 4]).
+    """
+    edge_lo, edge_hi, edge_rule = G[5], G[6], G[7]
+    cut = np.zeros(257, np.bool_)
+    cut[0] = True
+    for c in utf8_cuts:
+        cut[c] = True
+    for e in range(edge_lo.shape[0]):
+        if edge_rule[e] < 0 and edge_lo[e] < 256:
+            cut[edge_lo[e]] = True
+            cut[min(edge_hi[e], 255) + 1] = True
+    cls = np.empty(256, np.int64)
+    k = -1
+    for b in range(256):
+        if cut[b]:
+            k += 1
+        cls[b] = k
+    reps = np.empty(k + 1, np.int64)
+    masks = np.zeros((k + 1, 4), np.uint64)
+    for b in range(255, -1, -1):
+        reps[cls[b]] = b
+        masks[cls[b], b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+    return reps, cls, masks
+
+
 @numba.njit(cache=True, nogil=True)
 def _horizon_structs(G, rule_minlen, s, s_end, horizons):
     """Canonical serializations of what state s can reach within each of ``horizons`` bytes, inside its rule.
@@ -356,7 +392,10 @@ def _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, row, targets, n_targets
 
 STACK_MAX = 16  # frames a stack-mode configuration may hold (more: replay with Earley)
 _BULK_MIN = 48  # smaller subtrees are walked node by node: testing a configuration for loops costs more
-_PAIRS = 24  # mid-character configurations tracked when testing multi-byte characters for loops
+_PAIRS = 128  # configurations (boundary and mid-character) an absorption search may hold
+_ABSORB_STEPS = 4000  # stack steps one absorption search may spend (then: none found)
+_ABSORB_ROUNDS = 6  # rounds of dropping characters before the search gives up
+_CLOSED_MIN = 8192  # smaller tries are walked for less than a closed-set search costs
 _EPS_MAX = 64  # ε-moves (calls, returns, nullable skips) resolved for one byte before giving up
 _DEAD, _SCANNED, _COMPLEX = 0, 1, 2
 
@@ -450,14 +489,15 @@ def _mix(h, v):
 def _class_of(G, K, s):
     """Horizon class of state s: a 64-bit hash of what it reaches within K's horizon bytes in its rule.
 
-    ``K = (rule minimum lengths, rule ends, class cache, horizon, dist, number, mark, queue, meta)``.
+    ``K = (rule minimum lengths, rule ends, class cache, horizon, dist, number, mark, queue, meta,
+    byte classes...)`` (the byte classes of :func:`byte_classes`, used by :func:`_absorption`).
     States of one grammar with equal classes behave identically on every string of at most
     ``horizon`` bytes (the serialization is the one of :func:`_horizon_structs`, callees by rule
     id), so a configuration that reads a character into an equivalent one loops as far as the
     band's tokens can tell. Computed on first use and cached (``class cache[s]``, 0 = not yet). A
     rule too large for the scratch gets classes of its own (no equivalence claimed).
     """
-    minlen, rule_end, cache, horizon, dist, number, mark, queue, meta = K
+    minlen, rule_end, cache, horizon, dist, number, mark, queue, meta = K[:9]
     if cache[s] != 0:
         return cache[s]
     rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
@@ -559,8 +599,8 @@ def _loops(G, K, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
 
 
 @numba.njit(**_KERNEL)
-def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl, ascii_out):
-    """Which characters take the configuration at depth d back to an equivalent one.
+def _self_loops(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl, ascii_out):
+    """Which characters take the configuration at depth d back to an equivalent one (S = {it}).
 
     Returns (some ASCII byte loops, every multi-byte UTF-8 character loops) and writes the looping
     ASCII bytes to ``ascii_out`` (two uint64 words). Multi-byte characters are checked exactly on
@@ -585,13 +625,13 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
     ascii_out[0] = a0
     ascii_out[1] = a1
     n = 1
-    pair_u[0] = 0
+    pair_u[0, 0] = 0
     pair_top[0] = x
     pair_sl[0] = sl
     _copy_frames(stk, sen, d, scratch + 1, sl)
     p = 0
     while p < n:
-        u = pair_u[p]
+        u = pair_u[p, 0]
         for b in range(128, 256):
             nu = utf8[u, b]
             if nu < 0:
@@ -606,14 +646,14 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
                 continue
             found = False
             for q in range(n):
-                if (pair_u[q] == nu and pair_sl[q] == sl2 and _same_state(G, K, pair_top[q], y)
+                if (pair_u[q, 0] == nu and pair_sl[q] == sl2 and _same_state(G, K, pair_top[q], y)
                         and _same_frames(G, K, stk, tmp, scratch + 1 + q, sl2)):
                     found = True
                     break
             if not found:
-                if n == pair_u.shape[0]:
+                if n == pair_top.shape[0]:
                     return True, False
-                pair_u[n] = nu
+                pair_u[n, 0] = nu
                 pair_top[n] = y
                 pair_sl[n] = sl2
                 _copy_frames(stk, sen, tmp, scratch + 1 + n, sl2)
@@ -623,53 +663,305 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
 
 
 @numba.njit(**_KERNEL)
-def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl,
-                     memo_key, memo_val, stamp, ascii_out):
-    """:func:`_absorption` through a small table keyed by the configuration's classes (<= 4 frames).
+def _cfg_hash(G, K, u, x, stk, row, sl):
+    """Hash of a configuration up to horizon-class equivalence (UTF-8 state, top, frames)."""
+    h = _mix(_mix(np.uint64(0xCBF29CE484222325), u), _class_of(G, K, x))
+    for k in range(sl):
+        h = _mix(h, _class_of(G, K, stk[row, k]))
+    return np.int64(h >> np.uint64(1))
 
-    Equivalent configurations (a counter's positions far from its bound) share the slot. A slot
-    belongs to this classification when its last column equals ``stamp`` (so the table never
-    needs clearing). Returns 0 (no looping ASCII), 1 (ASCII only) or 2 (ASCII and every
-    multi-byte character).
+
+@numba.njit(**_KERNEL, inline="always")
+def _bit(w0, w1, v):
+    """Is ASCII byte v in the set held by the two words (w0, w1)?"""
+    if v < 64:
+        return (w0 >> np.uint64(v)) & np.uint64(1) != 0
+    return (w1 >> np.uint64(v - 64)) & np.uint64(1) != 0
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _or_class(sets, p, k, bmask, c, multi_byte):
+    """sets[p, k:k+3] |= the byte class of c (ASCII words), or the multi-byte flag."""
+    if multi_byte:
+        sets[p, k + 2] = np.uint64(1)
+    else:
+        sets[p, k] |= bmask[c, 0]
+        sets[p, k + 1] |= bmask[c, 1]
+
+
+@numba.njit(**_KERNEL)
+def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl, sets,
+                ascii_out):
+    """A set of characters under which the configuration at depth d stays alive, whatever it reads.
+
+    Searches for ASCII bytes A (and possibly every multi-byte UTF-8 character) such that the
+    configurations reachable from this one by reading them, up to horizon-class equivalence
+    (:func:`_class_of`), form a set S closed under them: every member reads every character of
+    the set into a member of S (mid-character configurations of the product with the UTF-8
+    prefix automaton included). Then every string of those characters that fits the band's
+    horizon, valid UTF-8 (possibly ending mid-character), keeps a token alive, so a trie subtree
+    made only of them is accepted without a walk. Unlike a self-loop (:func:`_self_loops`), a
+    closed set covers automata that count (runs of hex digits) or track a word (a required or
+    forbidden one): each character moves between members, none leaves.
+
+    The search starts from the ASCII bytes this configuration reads and all multi-byte
+    characters, one byte per class of :func:`byte_classes`. A breadth-first round collects S and,
+    per member, the characters that lead into it and those it fails on (or that would outgrow
+    the table); members below a character that led to a failure are not expanded further in the
+    round. Then every character leading into a failing member is dropped (at the start: the
+    failing characters themselves; multi-byte characters only as a whole), leaving out failures
+    on characters dropped anyway. Rounds repeat until one drops nothing, at most
+    ``_ABSORB_ROUNDS``.
+
+    Returns (kind, n): kind 0 (nothing), 1 (ASCII bytes ``ascii_out``) or 2 (those and every
+    multi-byte character); the members of S are ``pair_* [:n]`` (frames in rows ``scratch + 1 +
+    p`` of ``stk``; ``pair_u[p] = (UTF-8 state, BFS parent, entry byte or -1 inside a multi-byte
+    character, hash)``). ``sets`` (``uint64[_PAIRS, 6]``) is scratch: per member, the characters
+    leading into it and those it fails on (two ASCII words and a multi-byte flag each).
+    """
+    reps, bcls, bmask = K[9], K[10], K[11]
+    tmp = scratch
+    base = scratch + 1
+    cap = pair_top.shape[0]
+    one = np.uint64(1)
+    a0 = np.uint64(0)
+    a1 = np.uint64(0)
+    for b in reps:  # one byte per class: the grammar reads the others alike
+        if b >= 128:
+            break
+        _copy_frames(stk, sen, d, tmp, sl)
+        status, y, sl2 = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
+        if status == _SCANNED:
+            a0 |= bmask[bcls[b], 0]
+            a1 |= bmask[bcls[b], 1]
+    multi = True
+    budget = _ABSORB_STEPS
+    for _ in range(_ABSORB_ROUNDS):
+        if a0 == 0 and a1 == 0 and not multi:
+            break
+        n = 1
+        pair_u[0, 0] = 0
+        pair_u[0, 1] = -1
+        pair_u[0, 2] = -1
+        pair_u[0, 3] = _cfg_hash(G, K, 0, x, stk, d, sl)
+        pair_top[0] = x
+        pair_sl[0] = sl
+        _copy_frames(stk, sen, d, base, sl)
+        sets[0, :] = 0
+        e0 = np.uint64(0)  # characters found failing so far this round (entry bytes on the BFS tree)
+        e1 = np.uint64(0)
+        em = False
+        p = 0
+        while p < n:
+            u = pair_u[p, 0]
+            q = p  # members below a character found failing are not expanded: S will not hold them
+            while q > 0:
+                v = pair_u[q, 2]
+                if (v >= 0 and _bit(e0, e1, v)) or (v < 0 and em):
+                    break
+                q = pair_u[q, 1]
+            if q > 0:
+                p += 1
+                continue
+            for b in reps:
+                if b < 128:
+                    if u != 0 or not _bit(a0, a1, b):
+                        continue
+                elif u == 0 and not multi:
+                    break
+                nu = utf8[u, b]
+                if nu < 0:
+                    continue
+                budget -= 1
+                if budget < 0:
+                    return 0, 0
+                mb = b >= 128 or u != 0  # this byte is part of a multi-byte character
+                _copy_frames(stk, sen, base + p, tmp, pair_sl[p])
+                status, y, sl2 = _stack_step(G, first, end_null, pair_top[p], stk, sen, tmp, pair_sl[p], anchor, b)
+                if status == _SCANNED:
+                    h = _cfg_hash(G, K, nu, y, stk, tmp, sl2)
+                    q = 0
+                    while q < n:
+                        if (pair_u[q, 3] == h and pair_u[q, 0] == nu and pair_sl[q] == sl2
+                                and _same_state(G, K, pair_top[q], y) and _same_frames(G, K, stk, tmp, base + q, sl2)):
+                            break
+                        q += 1
+                    if q == n and n < cap:
+                        pair_u[n, 0] = nu
+                        pair_u[n, 1] = p
+                        pair_u[n, 2] = b if not mb else -1
+                        pair_u[n, 3] = h
+                        pair_top[n] = y
+                        pair_sl[n] = sl2
+                        _copy_frames(stk, sen, tmp, base + n, sl2)
+                        sets[n, :] = 0
+                        n += 1
+                    if q < n:
+                        _or_class(sets, q, 0, bmask, bcls[b], mb)
+                        continue
+                _or_class(sets, p, 3, bmask, bcls[b], mb)  # fails here (or S outgrows the table)
+                if b < 128 and _bit(e0, e1, b):
+                    continue
+                v = pair_u[p, 2] if p > 0 else (b if not mb else -1)
+                if v < 0:
+                    em = True
+                else:
+                    e0 |= bmask[bcls[v], 0]
+                    e1 |= bmask[bcls[v], 1]
+            p += 1
+        # Characters to drop: those leading into failing members (the failing ones at the start),
+        # counting only failures on characters not dropped anyway, unless that leaves nothing.
+        r0 = sets[0, 3]
+        r1 = sets[0, 4]
+        rm = sets[0, 5] != 0
+        for q in range(1, n):
+            if sets[q, 3] != 0 or sets[q, 4] != 0 or sets[q, 5] != 0:
+                r0 |= sets[q, 0]
+                r1 |= sets[q, 1]
+                rm = rm or sets[q, 2] != 0
+        if r0 == 0 and r1 == 0 and not rm:
+            ascii_out[0] = a0
+            ascii_out[1] = a1
+            if multi:
+                return 2, n
+            return (1 if (a0 != 0 or a1 != 0) else 0), n
+        k0 = sets[0, 3]
+        k1 = sets[0, 4]
+        km = sets[0, 5] != 0
+        for q in range(1, n):
+            if (sets[q, 3] & ~r0) != 0 or (sets[q, 4] & ~r1) != 0 or (sets[q, 5] != 0 and not rm):
+                k0 |= sets[q, 0]
+                k1 |= sets[q, 1]
+                km = km or sets[q, 2] != 0
+        if k0 != 0 or k1 != 0 or km:
+            r0, r1, rm = k0, k1, km
+        a0 &= ~r0
+        a1 &= ~r1
+        if rm:
+            multi = False
+    return 0, 0
+
+
+@numba.njit(**_KERNEL)
+def _memo_find(G, K, memo_key, stamp, x, anchor, stk, row, sl):
+    """Slot of the absorption memo for a configuration: (slot, hit). Keys hold classes, so
+    equivalent configurations share a slot; a slot belongs to this walk when its last column is
+    ``stamp``. Slot -1 when the table is full."""
+    width = memo_key.shape[1]
+    cx = _class_of(G, K, x)
+    h = (cx * 1000003 + np.int64(anchor) * 7919 + sl) & 0x7FFFFFFF
+    for k in range(sl):
+        h = (h * 31 + _class_of(G, K, stk[row, k])) & 0x7FFFFFFF
+    mask = memo_key.shape[0] - 1
+    slot = h & mask
+    for _ in range(memo_key.shape[0]):
+        if memo_key[slot, width - 1] != stamp:
+            return slot, False
+        same = memo_key[slot, 0] == cx and memo_key[slot, 1] == anchor and memo_key[slot, 2] == sl
+        if same:
+            for k in range(sl):
+                if memo_key[slot, 3 + k] != _class_of(G, K, stk[row, k]):
+                    same = False
+                    break
+        if same:
+            return slot, True
+        slot = (slot + 1) & mask
+    return -1, False
+
+
+@numba.njit(**_KERNEL)
+def _widens(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, a0, a1):
+    """Could a closed set absorb more than the self-loop bytes (a0, a1)? True when some byte that
+    x reads but does not loop on leads to a configuration that reads every looping byte (a
+    counter's next position, a word's next letter); the ends of strings and escapes do not."""
+    reps, bcls = K[9], K[10]
+    tmp = scratch
+    nxt = scratch + 1
+    for b in reps:
+        if b >= 128:
+            break
+        if _bit(a0, a1, b):
+            continue
+        _copy_frames(stk, sen, d, tmp, sl)
+        status, y, sl2 = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
+        if status != _SCANNED:
+            continue
+        reads_all = True
+        for c in reps:
+            if c >= 128:
+                break
+            if not _bit(a0, a1, c):
+                continue
+            _copy_frames(stk, sen, tmp, nxt, sl2)
+            status, z, sl3 = _stack_step(G, first, end_null, y, stk, sen, nxt, sl2, anchor, c)
+            if status != _SCANNED:
+                reads_all = False
+                break
+        if reads_all:
+            return True
+    return False
+
+
+@numba.njit(**_KERNEL)
+def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, closed, scratch, pair_u, pair_top,
+                     pair_sl, sets, memo_key, memo_val, stamp, ascii_out):
+    """Absorbed characters of the configuration at depth d, through a memo keyed by its classes (<= 4 frames).
+
+    The self-loop test (:func:`_self_loops`, cheap to reject structure) answers first. With
+    ``closed``, where that found nothing or a closed set could absorb more (:func:`_widens`), a
+    closed set is searched (:func:`_absorption`) and taken when it absorbs at least as much; then
+    every boundary member of the set gets the same answer in the memo (the set is closed from
+    each of them too), so a counter's positions, or the contents of a key after its first
+    character, cost one search. Returns 0 (nothing), 1 (ASCII only) or 2 (ASCII and
+    every multi-byte character).
     """
     width = memo_key.shape[1]
-    cacheable = sl <= width - 4
-    slot = -1
-    if cacheable:
-        cx = _class_of(G, K, x)
-        h = (cx * 1000003 + np.int64(anchor) * 7919 + sl) & 0x7FFFFFFF
-        for k in range(sl):
-            h = (h * 31 + _class_of(G, K, stk[d, k])) & 0x7FFFFFFF
-        mask = memo_key.shape[0] - 1
-        slot = h & mask
-        for _ in range(memo_key.shape[0]):
-            if memo_key[slot, width - 1] != stamp:
-                break
-            same = memo_key[slot, 0] == cx and memo_key[slot, 1] == anchor and memo_key[slot, 2] == sl
-            if same:
-                for k in range(sl):
-                    if memo_key[slot, 3 + k] != _class_of(G, K, stk[d, k]):
-                        same = False
-                        break
-            if same:
-                ascii_out[0] = memo_val[slot, 0]
-                ascii_out[1] = memo_val[slot, 1]
-                return np.int64(memo_val[slot, 2])
-            slot = (slot + 1) & mask
-    some, multi = _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
+    if sl <= width - 4:
+        slot, hit = _memo_find(G, K, memo_key, stamp, x, anchor, stk, d, sl)
+        if hit:
+            ascii_out[0] = memo_val[slot, 0]
+            ascii_out[1] = memo_val[slot, 1]
+            return np.int64(memo_val[slot, 2])
+    some, multi = _self_loops(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
                               pair_sl, ascii_out)
-    kind = np.int64(0 if not some else (2 if multi else 1))
-    if cacheable and memo_key[slot, width - 1] != stamp:
-        memo_key[slot, 0] = _class_of(G, K, x)
+    kind = 0 if not some else (2 if multi else 1)
+    if kind == 0:
+        ascii_out[0] = 0
+        ascii_out[1] = 0
+    l0 = ascii_out[0]
+    l1 = ascii_out[1]
+    n = 0
+    if closed and (kind != 2 or _widens(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, l0, l1)):
+        kc, n = _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
+                            pair_sl, sets, ascii_out)
+        if kc >= kind and (ascii_out[0] & l0) == l0 and (ascii_out[1] & l1) == l1:
+            kind = kc
+        else:
+            n = 0
+            ascii_out[0] = l0
+            ascii_out[1] = l1
+    if n == 0:
+        n = 1  # only this configuration is known to have this answer
+        pair_u[0, 0] = 0
+        pair_top[0] = x
+        pair_sl[0] = sl
+        _copy_frames(stk, sen, d, scratch + 1, sl)
+    for p in range(n):
+        if pair_u[p, 0] != 0 or pair_sl[p] > width - 4:
+            continue
+        slot, hit = _memo_find(G, K, memo_key, stamp, pair_top[p], anchor, stk, scratch + 1 + p, pair_sl[p])
+        if hit or slot < 0:
+            continue
+        memo_key[slot, 0] = _class_of(G, K, pair_top[p])
         memo_key[slot, 1] = anchor
-        memo_key[slot, 2] = sl
-        for k in range(sl):
-            memo_key[slot, 3 + k] = _class_of(G, K, stk[d, k])
+        memo_key[slot, 2] = pair_sl[p]
+        for k in range(pair_sl[p]):
+            memo_key[slot, 3 + k] = _class_of(G, K, stk[scratch + 1 + p, k])
         memo_key[slot, width - 1] = stamp
         memo_val[slot, 0] = ascii_out[0]
         memo_val[slot, 1] = ascii_out[1]
         memo_val[slot, 2] = np.uint64(kind)
-    return kind
+    return np.int64(kind)
 
 
 @numba.njit(**_KERNEL, inline="always")
@@ -708,7 +1000,7 @@ def _enter(state_final, flags, st, org, row, begin, end):
 def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
                      trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
                      anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, pair_u,
-                     pair_top, pair_sl, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr, rec_ae, out):
+                     pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr, rec_ae, out):
     """Classify the text tokens of trie nodes ``node_lo+1 .. node_hi-1`` (one trie; ``node_lo`` is its root)
     from a sub-chart seeded with (s, 0); see the module docstring.
 
@@ -743,8 +1035,9 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
     scratch = top.shape[0]
     absorb[0] = 0
     if node_hi - node_lo > _BULK_MIN:
-        absorb[0] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, 0, s, 0, 0, scratch, pair_u, pair_top,
-                                     pair_sl, memo_key, memo_val, memo_stamp, absorb_ascii[0])
+        absorb[0] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, 0, s, 0, 0, node_hi - node_lo > _CLOSED_MIN,
+                                     scratch, pair_u, pair_top,
+                                     pair_sl, sets, memo_key, memo_val, memo_stamp, absorb_ascii[0])
     ae_cnt[0] = 0
     n_acc = 0
     n_rec = 0
@@ -840,8 +1133,9 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
         ae_cnt[d] = cnt
         absorb[d] = 0
         if top[d] >= 0 and trie_subtree[i] > _BULK_MIN:
-            absorb[d] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], scratch,
-                                         pair_u, pair_top, pair_sl, memo_key, memo_val, memo_stamp,
+            absorb[d] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], False,
+                                         scratch,
+                                         pair_u, pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp,
                                          absorb_ascii[d])
         for k in range(trie_tok_ptr[i], trie_tok_ptr[i + 1]):
             acc[n_acc] = trie_tok_ids[k]
@@ -855,11 +1149,11 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
 
 
 @numba.njit(**_KERNEL)
-def _classify_bands(G, minlen, rule_end, classes, horizons, cls_dist, cls_number, cls_mark, cls_queue, cls_meta,
-                    flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte, trie_depth, trie_subtree,
+def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, cls_dist, cls_number, cls_mark,
+                    cls_queue, cls_meta, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte, trie_depth, trie_subtree,
                     trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta,
                     max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb,
-                    absorb_ascii, pair_u, pair_top, pair_sl, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr,
+                    absorb_ascii, pair_u, pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr,
                     rec_ae, out):
     """:func:`_classify_kernel` for each band in ``bands``, in one call.
 
@@ -872,12 +1166,13 @@ def _classify_bands(G, minlen, rule_end, classes, horizons, cls_dist, cls_number
     ae_off = 0
     for j in range(bands.shape[0]):
         b = bands[j]
-        K = (minlen, rule_end, classes[b], horizons[b], cls_dist, cls_number, cls_mark, cls_queue, cls_meta)
+        K = (minlen, rule_end, classes[b], horizons[b], cls_dist, cls_number, cls_mark, cls_queue, cls_meta, reps, bcls,
+             bmask)
         status = _classify_kernel(G, K, flags, first, end_null, s, node_lo[b], node_hi[b], trie_byte, trie_depth,
                                   trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr,
                                   ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk,
-                                  ae_cnt, ae_stack, absorb, absorb_ascii, pair_u, pair_top, pair_sl, memo_key, memo_val,
-                                  memo_stamp, acc[tok_lo[b]:], rec_node[node_lo[b]:], rec_ae_ptr[node_lo[b] + b:],
+                                  ae_cnt, ae_stack, absorb, absorb_ascii, pair_u, pair_top, pair_sl, sets, memo_key, memo_val,
+                                  memo_stamp * 16 + j, acc[tok_lo[b]:], rec_node[node_lo[b]:], rec_ae_ptr[node_lo[b] + b:],
                                   rec_ae[ae_off:], out[j])
         if status == LIMIT:
             out[j, 0] = -1
@@ -1216,7 +1511,9 @@ class _Scratch:
         self.ae_stack = np.zeros(depth, np.uint16)
         self.absorb = np.zeros(depth, np.int64)
         self.absorb_ascii = np.zeros((depth, 2), np.uint64)
-        self.pair_u, self.pair_top, self.pair_sl = (np.zeros(_PAIRS, np.int64) for _ in range(3))
+        self.pair_u = np.zeros((_PAIRS, 4), np.int64)
+        self.pair_top, self.pair_sl = (np.zeros(_PAIRS, np.int64) for _ in range(2))
+        self.sets = np.zeros((_PAIRS, 6), np.uint64)
         self.memo_key = np.full((1024, 8), -1, np.int64)  # column 7: the classification that wrote the slot
         self.memo_val = np.zeros((1024, 3), np.uint64)
         self.stamp = 0
@@ -1256,13 +1553,14 @@ def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
 
 def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable[int], max_token_len: int,
                    sets: tuple[np.ndarray, np.ndarray] | None = None,
-                   classes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, *,
+                   classes: tuple[np.ndarray, ...] | None = None, *,
                    max_items_per_row: int = 50_000) -> list[StateMasks]:
     """Classify the tokens of the given bands of the forest for state ``s``, one trie walk per band, one kernel call.
 
     ``sets`` = (FIRST, end_null) from :func:`grammar_sets`; ``classes`` = (rule minimum lengths,
     rule ends, horizon-class cache ``int64[n_bands, n_states]``, zeros when fresh) for
-    :func:`_class_of`; both are computed when not given. A band whose sub-chart exceeds
+    :func:`_class_of`, then the three arrays of :func:`byte_classes`; both are computed when not
+    given. A band whose sub-chart exceeds
     ``max_items_per_row`` gets a conservative entry: nothing accepted, the whole band uncertain, so
     the full parser decides (and raises its own limit error).
     """
@@ -1271,8 +1569,8 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
     if classes is None:
         n_states = G[2].shape[0]
         classes = (min_lengths(G), np.append(G[0][1:], n_states).astype(np.int64),
-                   np.zeros((len(forest.bands), n_states), np.int64))
-    minlen, rule_end, cls = classes
+                   np.zeros((len(forest.bands), n_states), np.int64)) + byte_classes(G, _UTF8_CUTS)
+    minlen, rule_end, cls, reps, bcls, bmask = classes
     bands = np.array(list(bands), np.int64)
     sc = _scratch(forest, max_token_len)
     sc.rule_capacity(int((rule_end - G[0]).max(initial=1)))
@@ -1280,12 +1578,12 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
     counts = np.zeros((bands.shape[0], 4), np.int64)
     while True:
         status = _classify_bands(
-            G, minlen, rule_end, cls, forest.horizons, sc.cls_dist, sc.cls_number, sc.cls_mark, sc.cls_queue,
+            G, minlen, rule_end, cls, reps, bcls, bmask, forest.horizons, sc.cls_dist, sc.cls_number, sc.cls_mark, sc.cls_queue,
             sc.cls_meta, flags, first, end_null, np.int32(s), bands, forest.node_lo, forest.node_hi, forest.band_tok_lo,
             forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids,
             forest.sub_bytes, forest.utf8_ok, UTF8, sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta,
             max_items_per_row, sc.top, sc.anchor, sc.entry, sc.stk_len, sc.stk, sc.sen, sc.pathb, sc.endk, sc.ae_cnt,
-            sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.pair_u, sc.pair_top, sc.pair_sl, sc.memo_key, sc.memo_val,
+            sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.pair_u, sc.pair_top, sc.pair_sl, sc.sets, sc.memo_key, sc.memo_val,
             sc.stamp, sc.acc, sc.rec_node, sc.rec_ae_ptr, sc.rec_ae, counts)
         if status == AE_FULL:
             sc.rec_ae = np.empty(2 * sc.rec_ae.shape[0], np.uint16)
@@ -1627,7 +1925,8 @@ class MaskCache:
         self.max_items_per_row = int(max_items_per_row)
         self._keys = _Keys(g, self.G)
         self._horizons = self.forest.horizons
-        self._classes = (self._keys.minlen, self._keys.rule_end, np.zeros((len(self.forest.bands), g.n_states), np.int64))
+        self._classes = (self._keys.minlen, self._keys.rule_end, np.zeros((len(self.forest.bands), g.n_states), np.int64)
+                         ) + byte_classes(self.G, _UTF8_CUTS)
         self._combos: dict[tuple[bytes, ...], int] = {}  # band keys -> row of ent
         self._lock = threading.Lock()
         self._n_ent = 0
