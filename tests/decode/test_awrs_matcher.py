@@ -101,7 +101,7 @@ def test_try_tokens_rejects_bad_ids_and_keeps_state():
             m.try_tokens(bad)
         assert snapshot(m) == before
     assert m.try_tokens([]) == []
-    many = list(range(200)) * 2  # more than one kernel call's 64
+    many = list(range(200)) * 2  # more than one kernel call's 63
     assert m.try_tokens(many) == [m.try_token(t) for t in many]
 
 
