@@ -498,11 +498,28 @@ def _determinize_minimize(nfa: _NFA, start: int, end: int, max_states: int) -> _
 
     None if the subset construction grows past ``max_states`` states.
     """
-    ok, final, ptr, lo, hi, rule, tgt = _subset_dfa(*nfa.csr(), start, end, max_states)
+    ok, *arrays = _nfa_to_minimal_dfa(*(np.array(x, np.int64) for x in (nfa.src, nfa.lo, nfa.hi, nfa.rule, nfa.tgt)),
+                                      nfa.n, start, end, max_states)
+    return _RuleAutomaton(*arrays) if ok else None
+
+
+@njit(cache=True, nogil=True)
+def _nfa_to_minimal_dfa(src, lo, hi, rule, tgt, n, start, end, max_states):
+    """One kernel call for a rule: NFA edge lists -> CSR -> :func:`_subset_dfa` -> :func:`minimal_dfa`, as int32 arrays."""
+    order = np.argsort(src, kind="mergesort")
+    ptr = np.zeros(n + 1, np.int64)
+    for e in range(src.shape[0]):
+        ptr[src[e] + 1] += 1
+    for q in range(n):
+        ptr[q + 1] += ptr[q]
+    ok, final, dptr, dlo, dhi, drule, dtgt = _subset_dfa(ptr, lo[order], hi[order], rule[order], tgt[order],
+                                                         start, end, max_states)
     if not ok:
-        return None
-    return _RuleAutomaton(*(a.astype(np.int32) if a.dtype != np.uint8 else a
-                            for a in minimal_dfa(final, ptr, lo, hi, rule, tgt)))
+        z = np.zeros(0, np.int32)
+        return False, final, z, z, z, z, z
+    final, dptr, dlo, dhi, drule, dtgt = minimal_dfa(final, dptr, dlo, dhi, drule, dtgt)
+    return (True, final, dptr.astype(np.int32), dlo.astype(np.int32), dhi.astype(np.int32), drule.astype(np.int32),
+            dtgt.astype(np.int32))
 
 
 @njit(cache=True, nogil=True)
@@ -1270,12 +1287,24 @@ class GrammarBuilder:
     def build(self, root: str = "root") -> Grammar:
         if root not in self.rules:
             raise GrammarError(f"the start rule {root!r} is not defined")
-        names = _reachable(self.rules, root)
-        ids = {n: i for i, n in enumerate(names)}
+        # Rules in BFS order from the root, following the references each automaton makes.
+        names = [root]
+        ids = {root: 0}
+        bodies = []
+        i = 0
+        while i < len(names):
+            body = _rule_automaton(self.rules[names[i]], self.limits)
+            for r in body.refs:
+                if r not in ids:
+                    if r not in self.rules:
+                        raise GrammarError(f"rule {names[i]!r} refers to undefined rule {r!r}")
+                    ids[r] = len(names)
+                    names.append(r)
+            bodies.append(body)
+            i += 1
         specials: list[str] = []
         autos = []
-        for n in names:
-            body = _rule_automaton(self.rules[n], self.limits)
+        for body in bodies:
             for name in body.specials:
                 if name not in specials:
                     specials.append(name)
@@ -1319,14 +1348,32 @@ class _RuleBody:
 # Rule bodies by expression, shared by every grammar built in this process: the JSON Schema
 # frontend emits the same bodies (JSON values, whitespace, strings, escapes, counters) again and
 # again, and their determinization and minimization dominate a compile.
-_BODY_CACHE: "OrderedDict[tuple, _RuleBody]" = OrderedDict()
+_BODY_CACHE: "OrderedDict[_BodyKey, _RuleBody]" = OrderedDict()
 _BODY_CACHE_LOCK = threading.Lock()
 _BODY_CACHE_STATES = [0]
 BODY_CACHE_MAX_STATES = 2_000_000
 
 
+class _BodyKey:
+    """A rule body and the limits it was built under, hashed once (expression hashes recurse)."""
+
+    __slots__ = ("expr", "limits", "_hash")
+
+    def __init__(self, expr: Expr, limits: GrammarLimits) -> None:
+        self.expr = expr
+        self.limits = (limits.max_nfa_states, limits.max_dfa_states)
+        self._hash = hash((expr, self.limits))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _BodyKey) and self._hash == other._hash and self.limits == other.limits
+                and self.expr == other.expr)
+
+
 def _rule_automaton(e: Expr, limits: GrammarLimits) -> _RuleBody:
-    key = (e, limits.max_nfa_states, limits.max_dfa_states)
+    key = _BodyKey(e, limits)
     with _BODY_CACHE_LOCK:
         hit = _BODY_CACHE.get(key)
         if hit is not None:
@@ -1347,37 +1394,6 @@ def _rule_automaton(e: Expr, limits: GrammarLimits) -> _RuleBody:
                 _, old = _BODY_CACHE.popitem(last=False)
                 _BODY_CACHE_STATES[0] -= old.auto.n_states
     return body
-
-
-def _refs(e: Expr) -> Iterable[str]:
-    if isinstance(e, Ref):
-        yield e.name
-    elif isinstance(e, Seq):
-        for x in e.items:
-            yield from _refs(x)
-    elif isinstance(e, Alt):
-        for x in e.options:
-            yield from _refs(x)
-    elif isinstance(e, Repeat):
-        yield from _refs(e.body)
-    elif isinstance(e, Automaton):
-        for _, label, _ in e.edges:
-            yield from _refs(label)
-
-
-def _reachable(rules: dict[str, Expr], root: str) -> list[str]:
-    order = [root]
-    seen = {root}
-    i = 0
-    while i < len(order):
-        for r in _refs(rules[order[i]]):
-            if r not in rules:
-                raise GrammarError(f"rule {order[i]!r} refers to undefined rule {r!r}")
-            if r not in seen:
-                seen.add(r)
-                order.append(r)
-        i += 1
-    return order
 
 
 def _pack(names: list[str], exprs: list[Expr], root: int, autos: Sequence[_RuleAutomaton]) -> Grammar:

@@ -509,8 +509,23 @@ def dfa_to_expr(a: CharDFA, label: Callable[[Ranges], Expr]) -> Expr:
 
 
 def strings_dfa(values: Iterable[str]) -> CharDFA:
-    """The finite language ``values``."""
-    return dfa_from_expr(alt(*(lit(v) for v in values)) if values else NOTHING)
+    """The finite language ``values``, as their trie (a DFA; every state is live)."""
+    children: list[dict[int, int]] = [{}]
+    final = [False]
+    for v in values:
+        s = 0
+        for ch in v:
+            c = ord(ch)
+            t = children[s].get(c)
+            if t is None:
+                t = children[s][c] = len(final)
+                children.append({})
+                final.append(False)
+            s = t
+        final[s] = True
+    if not any(final):
+        return CharDFA([()], [False])
+    return CharDFA([tuple((c, c, t) for c, t in sorted(ch.items())) for ch in children], final)
 
 
 UNIVERSE = CharDFA([((0, MAX_CODE_POINT, 0),)], [True])

@@ -90,3 +90,13 @@ def test_bounded_strings_have_one_derivation_per_prefix_up_to_the_flat_count():
             assert rec.accept_bytes("é".encode())
             counts.append(_live_kernel_items(rec))
         assert set(counts) == {1}, (hi, np.flatnonzero(np.array(counts) != 1)[:5])
+
+
+def test_item_counts_at_the_bounds():
+    """Large maxItems/minItems use the same counted repetition (of ``, item``)."""
+    for lo, hi in ((0, 2 * C + 1), (C + 1, F + 1), (3, F + C + 2)):
+        g = json_schema_to_grammar({"type": "array", "items": {"type": "integer"}, "minItems": lo, "maxItems": hi})
+        for n in sorted({max(lo - 1, 0), lo, lo + 1, C, C + 1, F, F + 1, hi - 1, hi, hi + 1}):
+            for dump in ({}, {"indent": 2}):
+                text = json.dumps(list(range(n)), **dump).encode()
+                assert grammar_accepts(g, text) == (lo <= n <= hi), (lo, hi, n, dump)
