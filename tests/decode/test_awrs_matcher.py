@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from stencil.decode.matcher import GrammarMatcher
-from stencil.errors import StencilError
+from stencil.errors import ParserLimitError, StencilError
 from stencil.grammar.compiler import GrammarCompiler
 from stencil.grammar.vocab import TokenizerInfo
 from tests.conftest import tokenizer_dir
@@ -147,3 +147,21 @@ def test_try_tokens_follows_the_chart_as_it_grows():
         grew_between += replaced(arrays, chart_arrays(m))
     assert grew_inside > 0 and grew_between > 0
 
+
+
+def test_try_tokens_raises_the_parser_limit_and_keeps_state():
+    """An ambiguous grammar whose rows grow by two items per byte: a token that would take a row
+    past ``max_items_per_row`` raises ParserLimitError from the check and leaves the state as it
+    was; a shorter token is still judged."""
+    c = compiler("gpt2")
+    info = c.tokenizer_info
+    spelled = {bytes(info.token_bytes[info.token_offsets[t]:info.token_offsets[t + 1]]): t
+               for t in range(info.vocab_size) if info.token_kind[t] == info.KIND_TEXT}
+    m = GrammarMatcher(c.compile_grammar('root ::= x\nx ::= x x | "a"\n'), max_items_per_row=20)
+    assert m.accept_string("a" * 8)  # rows of 4, 6, ..., 18 items
+    before = snapshot(m)
+    with pytest.raises(ParserLimitError):
+        m.try_tokens([spelled[b"a"], spelled[b"aaaa"]])
+    assert snapshot(m) == before
+    assert m.try_tokens([spelled[b"a"], spelled[b"b"]]) == [True, False]
+    assert snapshot(m) == before
