@@ -1600,6 +1600,12 @@ _MAX_ANY_ORDER_STATES = 4096
 class _Compiler(_Normalizer):
     """Emits one rule per distinct shape; object members and array items refer to their value's rule."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Spellings of character classes (see char_label), for small and big automata: automata of
+        # property names repeat the same classes at many states.
+        self._char_labels: tuple[dict, dict] = ({}, {})
+
     def compile(self) -> Grammar:
         self.b.rule("root", self.value_ref(self.root_sub))
         while self.queue:
@@ -1750,7 +1756,7 @@ class _Compiler(_Normalizer):
         from stencil.grammar import json_formats
 
         label_dfa = _label_dfa(a[1])
-        spell = lru_cache(maxsize=None)(self.char_label(False))
+        spell = self.char_label(False)
         dot = spell(((ord(json_formats.SEGMENT_SEPARATOR),) * 2,))
         longest = (lx.length_bounds(label_dfa) or (0, 0))[1] or hi
 
@@ -1777,7 +1783,15 @@ class _Compiler(_Normalizer):
         rules when the automaton is ``big``.
         """
 
+        labels = self._char_labels[big]
+
         def label(ranges: lx.Ranges) -> Expr:
+            hit = labels.get(ranges)
+            if hit is None:
+                hit = labels[ranges] = spell(ranges)
+            return hit
+
+        def spell(ranges: lx.Ranges) -> Expr:
             raw = lx.intersect_ranges(ranges, _RAW_WRITABLE)
             esc = lx.subtract_ranges(ranges, lx.PRINTABLE_ASCII)
             parts = [CharClass(raw)] if raw else []
