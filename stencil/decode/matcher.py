@@ -21,6 +21,7 @@ from typing import Sequence
 import numba
 import numpy as np
 import torch
+from numba._dispatcher import compute_fingerprint
 
 from stencil.decode import jump_forward as _jump_forward
 from stencil.decode import speculative as _speculative
@@ -64,7 +65,7 @@ _CODE_STOP = -2  # allowed exactly when the grammar is complete
 _CODE_SYMBOL = -3  # a special token the grammar names as symbol sym has code _CODE_SYMBOL - sym
 
 _codes_of_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_check_entries: dict[tuple, tuple] = {}  # argument types of a bound tuple -> _check_entry_points
+_check_entries: dict[tuple, tuple] = {}  # argument fingerprints of a bound tuple -> _check_entry_points
 
 
 def _token_codes(cache) -> np.ndarray:
@@ -798,14 +799,18 @@ def _check_entry_points(bound: tuple) -> tuple:
     about twenty arrays that costs about 10 µs when the CPU caches are cold (in a decode loop, right
     after the model wrote its logits), most of a check. The types are the ones numba gives these
     very arguments, so the overload is the one the dispatcher would pick; the bound tuple is
-    re-typed whenever it is rebuilt.
+    looked up again whenever it is rebuilt. The key is numba's own type fingerprint of each
+    argument (what its dispatcher keys its type cache on; a few µs), because typing twenty
+    arguments with ``numba.typeof`` costs a few hundred µs, which a new matcher (every SMC fork)
+    and every growth of the chart would pay.
     """
-    types = tuple(numba.typeof(a, numba.core.typing.typeof.Purpose.argument) for a in bound)
-    entries = _check_entries.get(types)
+    key = tuple(map(compute_fingerprint, bound))
+    entries = _check_entries.get(key)
     if entries is None:
+        types = [numba.typeof(a, numba.core.typing.typeof.Purpose.argument) for a in bound]
         entries = tuple(_check_tokens.compile((*types, numba.types.UniTuple(numba.types.int64, k), numba.types.int64))
                         for k in (1, 2))
-        _check_entries[types] = entries
+        _check_entries[key] = entries
     return entries
 
 
