@@ -1351,7 +1351,7 @@ class _RuleBody:
 _BODY_CACHE: "OrderedDict[_BodyKey, _RuleBody]" = OrderedDict()
 _BODY_CACHE_LOCK = threading.Lock()
 _BODY_CACHE_STATES = [0]
-BODY_CACHE_MAX_STATES = 2_000_000
+BODY_CACHE_MAX_STATES = 500_000  # about 25 MB of automata
 
 
 class _BodyKey:
