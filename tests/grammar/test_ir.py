@@ -165,3 +165,36 @@ def test_ebnf_printout_reparses_to_the_same_language():
     g2 = ebnf_to_grammar(g.to_ebnf())
     for s in ['say "hi"\n1,2', 'say "hi"\nxz,12,Qzzz', 'say "hi"\nézz', 'say "hi"\n1,', 'say "hi"\nqzzzz']:
         assert grammar_accepts(g, s.encode()) == grammar_accepts(g2, s.encode()), s
+
+
+def test_rule_bodies_shared_across_grammars_keep_their_own_references():
+    """Identical rule bodies share one cached automaton; each grammar binds its own rule ids and specials."""
+    import numpy as np
+
+    from stencil.decode.parser import Recognizer
+    from stencil.grammar.ir import Special
+
+    body = seq(Ref("x"), lit(","), Ref("y"), opt(Special("<|end|>")))
+    b1 = GrammarBuilder()
+    b1.rule("root", body)
+    b1.rule("x", lit("a"))
+    b1.rule("y", lit("b"))
+    g1 = b1.build()
+    b2 = GrammarBuilder()  # the same body two rules deep, other rules first, another special first
+    b2.rule("root", seq(Ref("y"), Ref("w")))
+    b2.rule("w", body)
+    b2.rule("y", alt(lit("2"), Special("<|tool|>")))
+    b2.rule("x", lit("1"))
+    g2 = b2.build()
+    assert g2.special_tokens == ["<|tool|>", "<|end|>"]
+
+    def accepts(g, syms):
+        r = Recognizer(g)
+        return r.accept_symbols(np.array(syms, np.int32)) and r.is_accepting()
+
+    end1, tool2, end2 = 256 + g1.special_tokens.index("<|end|>"), 256, 257
+    for syms, ok in [(b"a,b", True), (b"a,b" + bytes([0]), False), (b"1,2", False)]:
+        assert accepts(g1, list(syms)) == ok
+    assert accepts(g1, [*b"a,b", end1])
+    assert accepts(g2, [*b"21,2", end2]) and accepts(g2, [tool2, *b"1,", tool2])
+    assert not accepts(g2, [*b"21,2", tool2]) and not accepts(g2, list(b"2a,b"))
