@@ -25,8 +25,9 @@ Per token it records:
   it made (``try_token`` calls plus at most one ``is_completed``), whether it fell back to the full
   mask, and the CPU time spent in the constraint (checks, plus the mask when it falls back). The
   same calls are then repeated at once for ``awrs_constraint_hot``. The difference is cache misses:
-  AWRS's ``exp`` and cumulative sum over the vocabulary (megabytes of float64) evict the matcher's
-  data and code just before its checks. ``awrs_total`` is the whole ``sample`` call.
+  the proxy model's pass over the vocabulary (and AWRS's own read of the logits) evicts the
+  matcher's data and the interpreter's and numba's code just before the checks. ``awrs_total`` is
+  the whole ``sample`` call.
 * **Stencil mask path**: the CPU time of ``fill_next_token_bitmask`` (``stencil_mask``), of the same
   fill repeated at once (``stencil_mask_hot``), and of the mask plus ``sample_tokens`` on the
   logits (``stencil_mask_total``). A first, untimed pass fills the masks along the path once, so
