@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import subprocess
 import sys
 import time
@@ -63,28 +62,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from masks import SHARED, PCTS, load_records  # noqa: E402
 from peers import XGrammar, load_hf_tokenizer  # noqa: E402
 
 import stencil as st  # noqa: E402
 from stencil.decode.awrs import AWRS  # noqa: E402
 from stencil.decode.sampling import sample_tokens  # noqa: E402
-
-SHARED = HERE.parent.parent / "shared"
-PCTS = (50, 90, 99, 99.9)
-
-
-def load_records(n: int | None, seed: int) -> list[dict]:
-    recs = []
-    for f in sorted((SHARED / "jsonschemabench" / "dev").glob("*.jsonl")):
-        for line in f.open():
-            r = json.loads(line)
-            valid = [t["data"] for t in r.get("tests", []) if t.get("valid")]
-            if valid:
-                recs.append({"id": r["id"], "schema": r["schema"], "instances": valid})
-    if n is not None and n < len(recs):
-        recs = random.Random(seed).sample(recs, n)
-    return recs
-
 
 class TimedConstraint:
     """A matcher seen through the samplers' constraint protocol, adding up the CPU time of its calls."""
