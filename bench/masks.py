@@ -11,6 +11,11 @@ process's maximum RSS.
     python bench/masks.py                       # 500 records, llama3
     python bench/masks.py --n 50 --engines stencil,xgrammar
     python bench/masks.py --all --tokenizer qwen2
+    python bench/masks.py --n 30 --model-ms 20      # 20 ms of simulated forward pass between steps
+
+By default the steps run back to back, which leaves no time for work an engine does between masks
+(Stencil's background warm-up). ``--model-ms`` sleeps that long after each step, untimed and for
+every engine alike, as a decode loop waits for the model's forward pass.
 
 Writes ``bench/results/masks-<tokenizer>.json`` (raw numbers) and ``masks-<tokenizer>-cdf.png``.
 """
@@ -49,8 +54,8 @@ def load_records(n: int | None, seed: int) -> list[dict]:
     return recs
 
 
-def worker(engine: str, tok_dir: str, vocab_size: int, conn) -> None:
-    """Serve (schema, token lists) jobs for one engine until told to stop."""
+def worker(engine: str, tok_dir: str, vocab_size: int, model_s: float, conn) -> None:
+    """Serve (schema, token lists) jobs for one engine until told to stop; ``model_s``: untimed pause per step."""
     try:
         adapter = make_adapter(engine, Path(tok_dir), vocab_size)
     except Exception as e:  # the engine is not installed or cannot load this tokenizer
@@ -77,6 +82,8 @@ def worker(engine: str, tok_dir: str, vocab_size: int, conn) -> None:
                     ok = adapter.accept(m, t)
                     adapter.fill(m, bitmask)
                     out["mask_s"].append(time.perf_counter() - t1)
+                    if model_s:
+                        time.sleep(model_s)
                     if not ok:
                         out["rejected"] += 1
                         break
@@ -89,8 +96,8 @@ def worker(engine: str, tok_dir: str, vocab_size: int, conn) -> None:
 class Engine:
     """A worker process for one engine, restarted after a timeout or crash."""
 
-    def __init__(self, name: str, tok_dir: Path, vocab_size: int):
-        self.name, self.tok_dir, self.vocab_size = name, tok_dir, vocab_size
+    def __init__(self, name: str, tok_dir: Path, vocab_size: int, model_s: float = 0.0):
+        self.name, self.tok_dir, self.vocab_size, self.model_s = name, tok_dir, vocab_size, model_s
         self.fatal = None
         self.peak_rss_mb = 0.0
         self._start()
@@ -98,7 +105,7 @@ class Engine:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker, args=(self.name, str(self.tok_dir), self.vocab_size, child), daemon=True)
+        self.proc = ctx.Process(target=worker, args=(self.name, str(self.tok_dir), self.vocab_size, self.model_s, child), daemon=True)
         self.proc.start()
         if not self.conn.poll(300):
             self.fatal = "worker did not start in 300 s"
@@ -148,6 +155,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per schema and engine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-instances", type=int, default=2, help="valid instances replayed per schema")
+    ap.add_argument("--model-ms", type=float, default=0.0,
+                    help="untimed pause after each step, as a model's forward pass (default 0: back to back)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
 
@@ -163,7 +172,7 @@ def main() -> None:
     engines = {}
     for name in names:
         print(f"starting {name} ...", file=sys.stderr, flush=True)
-        engines[name] = Engine(name, tok_dir, vocab_size)
+        engines[name] = Engine(name, tok_dir, vocab_size, args.model_ms / 1e3)
         if engines[name].fatal:
             print(f"  {name} unavailable: {engines[name].fatal}", file=sys.stderr)
 
@@ -209,7 +218,8 @@ def main() -> None:
             "peak_rss_mb": engines[name].peak_rss_mb,
             "failures": r["failures"],
         }
-    print(f"\n{len(records)} schemas, tokenizer {args.tokenizer} (vocab {vocab_size}), times in ms")
+    gap = f", {args.model_ms:g} ms model time per step" if args.model_ms else ""
+    print(f"\n{len(records)} schemas, tokenizer {args.tokenizer} (vocab {vocab_size}){gap}, times in ms")
     header = f"{'engine':<11} {'mask p50':>9} {'p90':>8} {'p99':>8} {'p99.9':>8} {'max':>8} | {'TTFM p50':>9} {'p90':>8} {'p99':>8} {'max':>8} | {'RSS MB':>7} | failures"
     print(header)
     print("-" * len(header))
@@ -223,7 +233,7 @@ def main() -> None:
               f"{f(t,'p50'):>9} {f(t,'p90'):>8} {f(t,'p99'):>8} {f(t,'max'):>8} | {s['peak_rss_mb']:7.0f} | {s['failures'] or '-'}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"masks-{args.tokenizer}"
+    stem = args.out / (f"masks-{args.tokenizer}" + (f"-model{args.model_ms:g}ms" if args.model_ms else ""))
     raw = {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
            "per_schema": {n: results[n]["per_schema"] for n in names},
            "mask_s": {n: results[n]["mask_s"] for n in names}, "ttfm_s": {n: results[n]["ttfm_s"] for n in names}}
