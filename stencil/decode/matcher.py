@@ -13,6 +13,7 @@ the first time are classified first, lazily.
 
 from __future__ import annotations
 
+import operator
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -64,8 +65,12 @@ _CODE_OTHER = -1  # padding, or a special token the grammar does not name: alway
 _CODE_STOP = -2  # allowed exactly when the grammar is complete
 _CODE_SYMBOL = -3  # a special token the grammar names as symbol sym has code _CODE_SYMBOL - sym
 
+# _accept_token's answers besides the number of symbols consumed (GROW and LIMIT are the parser's)
+_TOKEN_REJECTED = -3
+_TOKEN_STOP = -4  # a stop token, accepted: the matcher terminates
+
 _codes_of_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_check_entries: dict[tuple, tuple] = {}  # argument fingerprints of a bound tuple -> _check_entry_points
+_overloads: dict[tuple, object] = {}  # (kernel, argument fingerprints, extra types) -> _overload
 
 
 def _token_codes(cache) -> np.ndarray:
@@ -93,15 +98,24 @@ class GrammarMatcher:
         self.compiled = compiled
         self.tokenizer_info = compiled.tokenizer_info
         self._cache = compiled.mask_cache
+        self._vocab_size = compiled.vocab_size
         self._rec = Recognizer(compiled.grammar, max_items_per_row=max_items_per_row)
         self._history: list[int] = []  # symbols consumed per accepted token (-1: a stop token)
         self._terminated = False
+        self._unbind()
+
+    def _unbind(self) -> None:
+        """Forget the kernels' bound arguments and scratch (a new matcher, or a fork's own copy)."""
         self._scratch: tuple | None = None  # scratch of the mask kernels, made on first use
-        # _check_tokens' arguments, gathered on first use and again when the chart grows or the cache
-        # publishes new pools (_bound_pools is the pools snapshot they hold).
-        self._bound: tuple | None = None
-        self._bound_pools: tuple | None = None
-        self._entries: tuple = ()  # _check_entry_points of the bound tuple
+        # The kernels' arguments are gathered once into tuples and called through their compiled
+        # overloads directly (see _overload), gathered again when the chart's arrays or the cache's
+        # pools are replaced: (chart, pools, arguments, overload(s)) for the check and the fill path,
+        # (chart, arguments, overload) for accept_token.
+        self._check: tuple | None = None
+        self._fill: tuple | None = None
+        self._accept: tuple | None = None
+        # The last torch bitmask filled and its numpy view: (tensor, data_ptr, shape, view, fingerprint).
+        self._rows: tuple | None = None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -117,13 +131,11 @@ class GrammarMatcher:
         other.compiled = self.compiled
         other.tokenizer_info = self.tokenizer_info
         other._cache = self._cache
+        other._vocab_size = self._vocab_size
         other._rec = self._rec.fork()
         other._history = list(self._history)
         other._terminated = self._terminated
-        other._scratch = None
-        other._bound = None
-        other._bound_pools = None
-        other._entries = ()
+        other._unbind()
         return other
 
     def is_completed(self) -> bool:
@@ -142,36 +154,42 @@ class GrammarMatcher:
 
     def _check_id(self, token_id: int) -> int:
         t = int(token_id)
-        if not 0 <= t < self.compiled.vocab_size:
-            raise StencilError(f"token id {t} is outside the vocabulary (size {self.compiled.vocab_size})")
+        if not 0 <= t < self._vocab_size:
+            raise StencilError(f"token id {t} is outside the vocabulary (size {self._vocab_size})")
         return t
 
     def accept_token(self, token_id: int) -> bool:
-        """Advance over one token; False (state unchanged) if the grammar does not allow it here."""
+        """Advance over one token; False (state unchanged) if the grammar does not allow it here.
+
+        One call of :func:`_accept_token` through its bound arguments: half of a decode step whose
+        mask entries exist, so the Python around it is kept to the id check and the answer.
+        """
         t = self._check_id(token_id)
         if self._terminated:
             return False
-        cache = self._cache
-        sym = int(cache.special_symbol_of_token[t])
-        if sym >= 0:
-            ok = self._rec.accept_symbol(sym)
-            n = 1
-        elif cache.is_stop[t]:
-            if not self._rec.is_accepting():
+        rec = self._rec
+        while True:
+            a = self._accept
+            if a is None or a[0] is not rec.chart:
+                a = self._bind_accept()
+            r = a[2](*a[1], t)
+            if r >= 0:
+                self._history.append(r)
+                return True
+            if r == _TOKEN_REJECTED:
                 return False
-            self._terminated = True
-            self._history.append(-1)
-            return True
-        elif self.tokenizer_info.token_kind[t] != KIND_TEXT:
-            return False
-        else:
-            info = self.tokenizer_info
-            lo, hi = info.token_offsets[t], info.token_offsets[t + 1]
-            ok = self._rec.accept_symbols(info.token_bytes[lo:hi])
-            n = int(hi - lo)
-        if ok:
-            self._history.append(n)
-        return ok
+            if r == _TOKEN_STOP:
+                self._terminated = True
+                self._history.append(-1)
+                return True
+            self._recover(r)
+
+    def _bind_accept(self) -> tuple:
+        """Gather _accept_token's arguments from the chart as it is now."""
+        rec, info = self._rec, self.tokenizer_info
+        b = (rec.G, *rec.chart, rec.max_items_per_row, _token_codes(self._cache), info.token_bytes, info.token_offsets)
+        self._accept = (rec.chart, b, _overload(_accept_token, (*b, 0)))
+        return self._accept
 
     def try_token(self, token_id: int) -> bool:
         """Would ``accept_token`` succeed? The state does not change.
@@ -214,11 +232,10 @@ class GrammarMatcher:
         the ones it holds (compared by identity), and the kernel answers with one int.
         """
         rec = self._rec
-        b = self._bound
-        if (b is None or b[2] is not rec._st or b[4] is not rec._row_ptr or b[5] is not rec._ht_key
-                or self._bound_pools is not self._cache.pools):
-            b = self._bind()
-        r = (self._entries[len(toks) - 1] if type(toks) is tuple else _check_tokens)(*b, toks, start)
+        c = self._check
+        if c is None or c[0] is not rec.chart or c[1] is not self._cache.pools:
+            c = self._bind_check()
+        r = (c[3][len(toks) - 1] if type(toks) is tuple else _check_tokens)(*c[2], toks, start)
         while r < 0:
             code, payload = -r & 3, -r >> 2
             if code == _BAD_ID:
@@ -229,19 +246,33 @@ class GrammarMatcher:
                 rec._check(LIMIT, at)
             rec._grow()
             rec._meta[0] = payload
-            r = _check_tokens(*self._bind(), toks, start)
+            r = _check_tokens(*self._bind_check()[2], toks, start)
         return r
 
-    def _bind(self) -> tuple:
+    def _bind_check(self) -> tuple:
         """Gather _check_tokens' arguments from the chart and the cache as they are now."""
         rec, cache, info = self._rec, self._cache, self.tokenizer_info
         states, seen, _, _ = self._scratch_arrays()
-        self._bound_pools = pools = cache.pools
-        self._bound = (rec.G, cache.flags, rec._st, rec._org, rec._row_ptr, rec._ht_key, rec._ht_gen, rec._meta,
-                       rec.max_items_per_row, *pools, cache.forest.trie_subtree, info.token_bytes,
-                       info.token_offsets, _token_codes(cache), states, seen)
-        self._entries = _check_entry_points(self._bound)
-        return self._bound
+        pools = cache.pools
+        b = (rec.G, cache.flags, *rec.chart, rec.max_items_per_row, *pools, cache.forest.trie_subtree,
+             info.token_bytes, info.token_offsets, _token_codes(cache), states, seen)
+        # For a tuple of one token and of two: what AWRS and try_token pass.
+        entries = tuple(_overload(_check_tokens, b, (numba.types.UniTuple(numba.types.int64, k), numba.types.int64))
+                        for k in (1, 2))
+        self._check = (rec.chart, pools, b, entries)
+        return self._check
+
+    def _recover(self, r: int) -> None:
+        """After a kernel answered GROW or LIMIT with ``meta[2]`` = the row count before the call and
+        ``meta[0]`` at the row that needed room: grow the chart (the caller calls again) or raise."""
+        rec = self._rec
+        n0 = int(rec._meta[2])
+        if r == LIMIT:
+            at = int(rec._meta[0]) - 1
+            rec._meta[0] = n0
+            rec._check(LIMIT, at)
+        rec._grow()
+        rec._meta[0] = n0
 
     def accept_bytes(self, data: bytes) -> bool:
         """Advance over raw bytes (not tokens); all or nothing. Counts as one step for rollback."""
@@ -293,37 +324,56 @@ class GrammarMatcher:
         or ``[words]``, with ``words >= ceil(vocab_size / 32)``; words past the vocabulary are zeroed.
         """
         decoder_active()
-        arr = _bitmask_rows(bitmask, self._cache.words)
-        if not -arr.shape[0] <= index < arr.shape[0]:
-            raise IndexError(f"bitmask row {index} is out of range for a batch of {arr.shape[0]}")
-        index %= arr.shape[0]
+        arr, fp = self._bitmask_rows(bitmask)
+        n = arr.shape[0]
+        index = operator.index(index)
+        if not -n <= index < n:
+            raise IndexError(f"bitmask row {index} is out of range for a batch of {n}")
+        if index < 0:
+            index += n
         if self._terminated:
             arr[index] = 0
             return
-        states, seen, work, cf = self._scratch_arrays()
-        cache = self._cache
-        forest = cache.forest
-        info = self.tokenizer_info
-        rec = self._rec
-        n0 = int(rec._meta[0])
+        rec, cache = self._rec, self._cache
         while True:
-            state_entry, ent, ids, bits = cache.pools
-            r = _fill_row(rec.G, cache.flags, cache.first, cache.end_null, rec._st, rec._org, rec._row_ptr, rec._ht_key,
-                          rec._ht_gen, rec._meta, rec.max_items_per_row, state_entry, ent, ids, bits, cache.text_bits,
-                          forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr,
-                          forest.trie_tok_ids, info.token_bytes, info.token_offsets, cache.stop_ids, cache.special_ids,
-                          cache.special_syms, states, seen, work, cf, arr, index)
+            f = self._fill
+            if f is None or f[0] is not rec.chart or f[1] is not cache.pools or f[2] != fp:
+                f = self._bind_fill(arr, fp)
+            r = f[4](*f[3], arr, index)
             if r == 0:
                 return
             if r > 0:
-                cache.ensure(states[:r].tolist())
-            elif r == GROW:
-                rec._grow()
-                rec._meta[0] = n0
+                cache.ensure(self._scratch[0][:r].tolist())
             else:
-                at = int(rec._meta[0]) - 1
-                rec._meta[0] = n0
-                rec._check(LIMIT, at)
+                self._recover(r)
+
+    def _bind_fill(self, arr: np.ndarray, fp: bytes) -> tuple:
+        """Gather _fill_row's arguments from the chart and the cache as they are now, for rows like ``arr``."""
+        rec, cache, info = self._rec, self._cache, self.tokenizer_info
+        forest = cache.forest
+        pools = cache.pools
+        b = (rec.G, cache.flags, cache.first, cache.end_null, *rec.chart, rec.max_items_per_row, *pools,
+             cache.text_bits, forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr,
+             forest.trie_tok_ids, info.token_bytes, info.token_offsets, cache.stop_ids, cache.special_ids,
+             cache.special_syms, *self._scratch_arrays())
+        self._fill = (rec.chart, pools, fp, b, _overload(_fill_row, (*b, arr, 0)))
+        return self._fill
+
+    def _bitmask_rows(self, bitmask) -> tuple[np.ndarray, bytes]:
+        """The bitmask as a 2-D int32 numpy array sharing its memory (checked), and its numba fingerprint.
+
+        A torch tensor's view is kept for the next call while the tensor is the same object with the
+        same memory, shape and dtype: converting and checking it costs more than a cached fill.
+        """
+        c = self._rows
+        if (c is not None and c[0] is bitmask and bitmask.data_ptr() == c[1] and bitmask.shape == c[2]
+                and bitmask.dtype is torch.int32):
+            return c[3], c[4]
+        arr = _bitmask_rows(bitmask, self._cache.words)
+        fp = compute_fingerprint(arr)
+        if isinstance(bitmask, torch.Tensor):
+            self._rows = (bitmask, bitmask.data_ptr(), bitmask.shape, arr, fp)
+        return arr, fp
 
     def brute_force_mask(self) -> np.ndarray:
         """bool[vocab_size]: every token tried with the parser. Slow and obviously correct: the oracle."""
@@ -684,10 +734,11 @@ def _fill_row(G, flags, first, end_null, st, org, row_ptr, ht_key, ht_gen, meta,
 
     Returns 0 when done; k > 0 when k row states have no cache entry yet (they are in
     ``states[:k]``: compute them and call again); GROW or LIMIT from the parser (``meta[0]`` then
-    points at the row that needed room; the caller restores it).
+    points at the row that needed room, ``meta[2]`` is the row count to restore).
     """
     out = bitmask[index].view(np.uint32)
     n0 = meta[0]
+    meta[2] = n0
     ns, missing = _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen)
     if missing > 0:
         m = 0
@@ -792,26 +843,52 @@ def _cache_verdict(state_entry, ent, ids, bits, trie_subtree, states, ns, node, 
     return _ASK_PARSER if uncertain else _REJECTED
 
 
-def _check_entry_points(bound: tuple) -> tuple:
-    """:func:`_check_tokens` compiled for ``bound`` with a tuple of one token and of two, as plain callables.
+def _overload(kernel, args: tuple, extra: tuple = ()):
+    """``kernel`` compiled for the types of ``args`` followed by the numba types ``extra``, as a plain callable.
 
     Calling a compiled overload directly skips the dispatcher's typing of every argument. With
-    about twenty arrays that costs about 10 µs when the CPU caches are cold (in a decode loop, right
-    after the model wrote its logits), most of a check. The types are the ones numba gives these
-    very arguments, so the overload is the one the dispatcher would pick; the bound tuple is
-    looked up again whenever it is rebuilt. The key is numba's own type fingerprint of each
-    argument (what its dispatcher keys its type cache on; a few µs), because typing twenty
-    arguments with ``numba.typeof`` costs a few hundred µs, which a new matcher (every SMC fork)
-    and every growth of the chart would pay.
+    twenty to thirty arrays that costs a few µs hot and about 10 µs when the CPU caches are cold
+    (in a decode loop, right after the model wrote its logits): most of a check, or of a cached
+    mask fill. The types are the ones numba gives these very arguments, so the overload is the
+    one the dispatcher would pick; callers look it up again whenever they gather new arguments.
+    The key is numba's own type fingerprint of each argument (what its dispatcher keys its type
+    cache on; a few µs), because typing thirty arguments with ``numba.typeof`` costs a few hundred
+    µs, which a new matcher (every SMC fork) and every growth of the chart would pay.
     """
-    key = tuple(map(compute_fingerprint, bound))
-    entries = _check_entries.get(key)
-    if entries is None:
-        types = [numba.typeof(a, numba.core.typing.typeof.Purpose.argument) for a in bound]
-        entries = tuple(_check_tokens.compile((*types, numba.types.UniTuple(numba.types.int64, k), numba.types.int64))
-                        for k in (1, 2))
-        _check_entries[key] = entries
-    return entries
+    key = (kernel, tuple(map(compute_fingerprint, args)), extra)
+    f = _overloads.get(key)
+    if f is None:
+        types = [numba.typeof(a, numba.core.typing.typeof.Purpose.argument) for a in args]
+        f = _overloads[key] = kernel.compile((*types, *extra))
+    return f
+
+
+@numba.njit(**_KERNEL)
+def _accept_token(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, token_code, token_bytes, token_offsets, t):
+    """Advance the chart over token ``t`` (an id in the vocabulary; ``token_code`` is :func:`_token_codes`).
+
+    Returns how many symbols it consumed, _TOKEN_REJECTED (nothing changes), _TOKEN_STOP (a stop
+    token the grammar allows now; the chart does not change), or GROW / LIMIT with ``meta[2]`` = the
+    row count before the call and ``meta[0]`` at the row that needed room.
+    """
+    n0 = meta[0]
+    meta[2] = n0
+    code = token_code[t]
+    if code <= _CODE_SYMBOL:
+        r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, np.int32(_CODE_SYMBOL - code), max_items)
+        return 1 if r > 0 else (_TOKEN_REJECTED if r == 0 else r)
+    if code == _CODE_STOP:
+        return _TOKEN_STOP if is_accepting(G, st, org, row_ptr, meta) else _TOKEN_REJECTED
+    if code == _CODE_OTHER:
+        return _TOKEN_REJECTED
+    for j in range(token_offsets[t], token_offsets[t + 1]):
+        r = advance(G, st, org, row_ptr, ht_key, ht_gen, meta, np.int32(token_bytes[j]), max_items)
+        if r < 0:
+            return r
+        if r == 0:
+            meta[0] = n0
+            return _TOKEN_REJECTED
+    return token_offsets[t + 1] - token_offsets[t]
 
 
 @numba.njit(**_KERNEL)

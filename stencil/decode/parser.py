@@ -247,6 +247,8 @@ class Recognizer:
     """Incremental recognizer for one grammar: feed bytes, ask whether the input so far is complete.
 
     A rejected input leaves the state unchanged. ``rollback_bytes(n)`` undoes the last n bytes.
+    ``chart`` is the tuple ``(st, org, row_ptr, ht_key, ht_gen, meta)`` of the chart's arrays, replaced
+    by a new tuple whenever an array is.
     """
 
     def __init__(self, grammar: Grammar, *, max_items_per_row: int = 50_000, initial_capacity: int = 4096):
@@ -259,6 +261,7 @@ class Recognizer:
         self._ht_key = np.zeros(64, np.int64)
         self._ht_gen = np.zeros(64, np.int64)
         self._meta = np.zeros(3, np.int64)
+        self._new_chart()
         self.reset()
 
     # -- state -----------------------------------------------------------------------------
@@ -291,6 +294,7 @@ class Recognizer:
         other._ht_key = np.zeros(self._ht_key.shape[0], np.int64)
         other._ht_gen = np.zeros(self._ht_gen.shape[0], np.int64)
         other._meta = self._meta.copy()
+        other._new_chart()
         return other
 
     # -- feeding ---------------------------------------------------------------------------
@@ -369,6 +373,12 @@ class Recognizer:
             self._row_ptr = _with_capacity(self._row_ptr, 2 * self._row_ptr.shape[0])
             grew = True
         assert grew, "GROW reported with room to spare"
+        self._new_chart()
+
+    def _new_chart(self) -> None:
+        # Callers that bind the arrays once (the matcher's direct kernel calls) compare this tuple
+        # by identity to know their binding still holds the chart's arrays.
+        self.chart = (self._st, self._org, self._row_ptr, self._ht_key, self._ht_gen, self._meta)
 
     def _check(self, r: int, at: int) -> None:
         if r == LIMIT:
