@@ -60,6 +60,10 @@ _GROWS = 2
 _LIMITED = 3
 _CHUNK = 63  # tokens per _check_tokens call: their verdict bits make a non-negative int64
 
+# The fill's memo of suffix-trie results (see _fill_row): slots, and tokens remembered per slot
+_MEMO_SLOTS = 8
+_MEMO_TOKENS = 1024
+
 # _token_codes: what each token id is to the check kernel (a text token's code is its trie node + 1)
 _CODE_OTHER = -1  # padding, or a special token the grammar does not name: always rejected
 _CODE_STOP = -2  # allowed exactly when the grammar is complete
@@ -114,6 +118,7 @@ class GrammarMatcher:
         self._check: tuple | None = None
         self._fill: tuple | None = None
         self._accept: tuple | None = None
+        self._memo: tuple | None = None  # _fill_row's suffix memo, made on the first fill
         # The last torch bitmask filled and its numpy view: (tensor, data_ptr, shape, view, fingerprint).
         self._rows: tuple | None = None
 
@@ -352,10 +357,12 @@ class GrammarMatcher:
         rec, cache, info = self._rec, self._cache, self.tokenizer_info
         forest = cache.forest
         pools = cache.pools
+        if self._memo is None:  # kept across bindings: its keys say when an entry is stale
+            self._memo = (np.full((_MEMO_SLOTS, 5), -1, np.int64), np.zeros((_MEMO_SLOTS, _MEMO_TOKENS), np.int32))
         b = (rec.G, cache.flags, cache.first, cache.end_null, *rec.chart, rec.max_items_per_row, *pools,
              cache.text_bits, forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr,
              forest.trie_tok_ids, info.token_bytes, info.token_offsets, cache.stop_ids, cache.special_ids,
-             cache.special_syms, *self._scratch_arrays())
+             cache.special_syms, *self._scratch_arrays(), *self._memo)
         self._fill = (rec.chart, pools, fp, b, _overload(_fill_row, (*b, arr, 0)))
         return self._fill
 
@@ -658,15 +665,17 @@ def _completion_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, rule, 
 
 
 @numba.njit(**_KERNEL)
-def _walk_suffixes(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids, off, out):
+def _walk_suffixes(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids, off, out, got):
     """Set the tokens of the suffix trie at ``ids[off:]`` whose suffix the chart reads from its last row.
 
     (The last row being a completion row, see :func:`_completion_row` and
-    :func:`stencil.grammar.masks._suffix_block`.) Returns 0, or GROW / LIMIT.
+    :func:`stencil.grammar.masks._suffix_block`.) The first of them go into ``got`` too. Returns how
+    many it set, or GROW / LIMIT.
     """
     n = ids[off]
     base = off + 2
     n0 = meta[0]
+    count = 0
     i = 1
     while i < n:
         depth = ids[base + n + i]
@@ -682,8 +691,11 @@ def _walk_suffixes(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids, of
         for k in range(ids[tp + i], ids[tp + i + 1]):
             t = ids[tid + k]
             out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+            if count < got.shape[0]:
+                got[count] = t
+            count += 1
         i += 1
-    return 0
+    return count
 
 
 @numba.njit(**_KERNEL)
@@ -729,8 +741,15 @@ def _context_first(G, first, end_null, st, org, row_ptr, rule, origin, work, cf)
 @numba.njit(**_KERNEL)
 def _fill_row(G, flags, first, end_null, st, org, row_ptr, ht_key, ht_gen, meta, max_items, state_entry, ent, ids,
               bits, text_bits, trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes,
-              token_offsets, stop_ids, special_ids, special_syms, states, seen, work, cf, bitmask, index):
+              token_offsets, stop_ids, special_ids, special_syms, states, seen, work, cf, memo, memo_tok, bitmask,
+              index):
     """Fill ``bitmask[index]`` from the chart's last row.
+
+    A kernel item's uncertain tokens checked through a suffix trie depend only on its entry, its
+    rule and the rows up to its origin (the completion row is built from them), so the tokens
+    found are remembered in ``memo`` / ``memo_tok`` under (state, entry, origin, ``meta[3]``): the
+    next fills inside the same string or number, whose kernel item keeps its origin, set them
+    directly. ``meta[3]`` changes whenever rows could have been rewritten (rollback, reset).
 
     Returns 0 when done; k > 0 when k row states have no cache entry yet (they are in
     ``states[:k]``: compute them and call again); GROW or LIMIT from the parser (``meta[0]`` then
@@ -764,12 +783,22 @@ def _fill_row(G, flags, first, end_null, st, org, row_ptr, ht_key, ht_gen, meta,
             rule = G[9] if cur == 0 else G[2][s]
             origin = 0 if cur == 0 else org[k]
             if ent[e, 5] >= 0:
+                slot = (s * 31 + origin) & (memo.shape[0] - 1)
+                if memo[slot, 0] == s and memo[slot, 1] == e and memo[slot, 2] == origin and memo[slot, 3] == meta[3]:
+                    for i in range(memo[slot, 4]):
+                        t = memo_tok[slot, i]
+                        out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+                    continue
                 # Suffix trie: complete the rule into a fresh row once, read the distinct suffixes.
+                memo[slot, 0] = -1
                 meta[0] = n0
                 r = _completion_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, rule, origin)
                 if r < 0:
                     return r
-                r = _walk_suffixes(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids, ent[e, 5], out)
+                r = _walk_suffixes(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids, ent[e, 5], out,
+                                   memo_tok[slot])
+                if 0 <= r <= memo_tok.shape[1]:
+                    memo[slot, 0], memo[slot, 1], memo[slot, 2], memo[slot, 3], memo[slot, 4] = s, e, origin, meta[3], r
             else:
                 for w in range(4):
                     cf[w] = np.uint64(0)

@@ -123,7 +123,12 @@ def _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_item
 
 @numba.njit(**_KERNEL)
 def init_chart(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items):
-    """Row 0: the root rule predicted at byte 0. ``meta`` = [n_rows, hash generation, last status]."""
+    """Row 0: the root rule predicted at byte 0.
+
+    ``meta`` = [n_rows, hash generation, last status, rewinds]; rewinds counts the times the row count
+    went back (rollback, reset), so a kernel that remembers a result computed from rows behind the
+    last one knows whether those rows may have been rewritten since.
+    """
     rule_start = G[0]
     root = G[9]
     meta[1] += 1
@@ -260,7 +265,7 @@ class Recognizer:
         self._row_ptr = np.zeros(256, np.int32)
         self._ht_key = np.zeros(64, np.int64)
         self._ht_gen = np.zeros(64, np.int64)
-        self._meta = np.zeros(3, np.int64)
+        self._meta = np.zeros(4, np.int64)
         self._new_chart()
         self.reset()
 
@@ -268,6 +273,7 @@ class Recognizer:
 
     def reset(self) -> None:
         """Back to the empty input."""
+        self._meta[3] += 1
         while True:
             r = init_chart(self.G, self._st, self._org, self._row_ptr, self._ht_key, self._ht_gen, self._meta,
                            self.max_items_per_row)
@@ -336,7 +342,9 @@ class Recognizer:
         """Forget the last ``n`` consumed symbols."""
         if n < 0 or n > self.num_bytes:
             raise ValueError(f"cannot roll back {n} bytes: only {self.num_bytes} consumed")
-        self._meta[0] -= n
+        if n:
+            self._meta[0] -= n
+            self._meta[3] += 1
 
     # -- queries ---------------------------------------------------------------------------
 

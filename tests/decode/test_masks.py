@@ -558,3 +558,106 @@ def test_parser_limit_in_classification_falls_back_to_the_parser():
     m = GrammarMatcher(cg)
     assert m.accept_string("aa")
     check_state(m, random.Random(7), True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fill's fast paths: a bitmask reused across calls, the suffix memo, bindings after growth
+# ----------------------------------------------------------------------------------------------
+
+
+def greedy_ids(info: TokenizerInfo, text: str) -> list[int]:
+    """Longest-match token ids spelling ``text`` (any valid split will do here)."""
+    by_bytes = {}
+    for t in range(info.vocab_size):
+        if info.token_kind[t] == info.KIND_TEXT:
+            by_bytes.setdefault(info.decoded_vocab[t], t)
+    data, out, i = text.encode(), [], 0
+    while i < len(data):
+        j = max(k for k in range(i + 1, min(len(data), i + info.max_token_len) + 1) if data[i:k] in by_bytes)
+        out.append(by_bytes[data[i:j]])
+        i = j
+    return out
+
+
+def assert_row(m: GrammarMatcher, row: np.ndarray) -> None:
+    words = (m.tokenizer_info.vocab_size + 31) // 32
+    assert np.array_equal(row[:words], pack_bool_mask(m.brute_force_mask())) and not row[words:].any()
+
+
+def test_reused_bitmask_and_suffix_memo_follow_rollback_reset_and_tensor_changes():
+    """One torch bitmask filled again and again (its numpy view is kept per matcher), rows of varying
+    index, and the suffix memo, whose key (state, entry, origin) is the same for a string begun at byte 6
+    of an object and of an array: only the rewind count in ``meta[3]`` tells the two contexts apart
+    (``"}`` is allowed in one, ``"]`` in the other)."""
+    info = tokenizer("gpt2")
+    m = GrammarMatcher(compiler("gpt2").compile_builtin_json())
+    words = (info.vocab_size + 31) // 32
+    bitmask = torch.full((3, words + 1), -1, dtype=torch.int32)
+    step = 0
+
+    def fill_and_check() -> None:
+        nonlocal step
+        row = step % 3
+        m.fill_next_token_bitmask(bitmask, row - 3 if step % 2 else row)
+        assert_row(m, bitmask[row].numpy())
+        step += 1
+
+    def walk(text: str) -> None:
+        for t in greedy_ids(info, text):
+            assert m.accept_token(t)
+            fill_and_check()
+
+    walk('{"k":"abc def')
+    assert (m._memo[0][:, 0] >= 0).any(), "the suffix memo was never filled"
+    m.rollback(m.num_accepted_tokens)
+    fill_and_check()
+    walk('[1,2,"abc def')
+    m.reset()
+    walk('{"k":"abc def')
+    # The tensor changes in place: a smaller shape, then another tensor's storage.
+    bitmask.resize_(2, words)
+    with pytest.raises(IndexError):
+        m.fill_next_token_bitmask(bitmask, 2)
+    m.fill_next_token_bitmask(bitmask, -1)
+    assert_row(m, bitmask[1].numpy())
+    other = torch.full((2, words), -1, dtype=torch.int32)
+    bitmask.set_(other)
+    m.fill_next_token_bitmask(bitmask, 1)
+    assert_row(m, other[1].numpy())
+    flat = np.full(words, -1, np.int32)
+    m.fill_next_token_bitmask(flat)
+    assert_row(m, flat)
+    with pytest.raises(StencilError):
+        m.fill_next_token_bitmask(bitmask.to(torch.int64))
+    with pytest.raises(TypeError):
+        m.fill_next_token_bitmask(bitmask, 0.0)
+
+
+def test_fills_and_accepts_while_the_chart_grows():
+    """A document long enough that the chart's arrays are replaced several times while the same
+    matcher (and a fork taken half way) accept tokens and fill masks through their bound arguments."""
+    info = tokenizer("gpt2")
+    m = GrammarMatcher(compiler("gpt2").compile_builtin_json())
+    doc = json.dumps({"items": [{"id": i, "name": f"n{i} x", "ok": i % 2 == 0} for i in range(40)]}, indent=1)
+    ids = greedy_ids(info, doc)
+    words = (info.vocab_size + 31) // 32
+    bitmask = torch.zeros((1, words), dtype=torch.int32)
+    charts = {id(m._rec.chart)}
+    fork = None
+    for k, t in enumerate(ids):
+        assert m.accept_token(t)
+        m.fill_next_token_bitmask(bitmask)
+        charts.add(id(m._rec.chart))
+        if k % 150 == 149:
+            assert_row(m, bitmask[0].numpy())
+        if k == len(ids) // 2:
+            fork = m.fork()
+    assert len(charts) >= 3, "the chart never grew"
+    assert_row(m, bitmask[0].numpy())
+    assert m.is_completed() and m.accept_token(info.stop_token_ids[0]) and m.is_terminated()
+    m.fill_next_token_bitmask(bitmask)
+    assert not bitmask.any()
+    for t in ids[len(ids) // 2 + 1:]:
+        assert fork.accept_token(t)
+    fork.fill_next_token_bitmask(bitmask)
+    assert_row(fork, bitmask[0].numpy())
