@@ -491,10 +491,15 @@ def pack_bool_mask(allowed: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(**_KERNEL, inline="always")
-def _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, node):
+def _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, node, got, count):
+    """Set the tokens ending at trie ``node``, also into ``got[count:]`` while it has room; the new count."""
     for k in range(trie_tok_ptr[node], trie_tok_ptr[node + 1]):
         t = trie_tok_ids[k]
         out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+        if count < got.shape[0]:
+            got[count] = t
+        count += 1
+    return count
 
 
 @numba.njit(**_KERNEL)
@@ -521,16 +526,19 @@ def _or_accepted(out, mode, off, n, ids, bits, text_bits):
 
 @numba.njit(**_KERNEL)
 def _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, pairs, cf, trie_byte, trie_depth,
-                    trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets, out):
+                    trie_subtree, trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets, out, got):
     """Set in ``out`` the tokens of the uncertain subtrees that the parser accepts from the last row.
 
     ``pairs`` = (node, after-end bytes) as stored by the mask cache, nodes in preorder; ``cf`` =
     the bytes that can follow the state's rule in this chart: a subtree none of whose after-end
     bytes is in it cannot be read, so it is skipped unwalked. Consecutive subtrees share their path
-    prefix; a prefix that failed is never retried. Returns 0, or GROW / LIMIT with ``meta[0]``
-    left at the row that needed room.
+    prefix; a prefix that failed is never retried. The first tokens set go into ``got`` too. Returns
+    how many it set, more than ``got`` holds if it skipped a subtree because ``out`` had it already
+    (then ``got`` does not hold all the tokens accepted), or GROW / LIMIT with ``meta[0]`` left at
+    the row that needed room.
     """
     n0 = meta[0]
+    count = 0
     prev_tok = -1
     prev_len = 0
     applied = 0  # path bytes of the previous subtree whose rows are in place
@@ -548,6 +556,7 @@ def _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, pairs,
             if not ok:
                 continue  # no after-end byte can follow the rule here
         if _all_set(out, trie_tok_ptr, trie_tok_ids, node, trie_subtree):
+            count = max(count, got.shape[0]) + 1
             continue  # another state already accepts the whole subtree
         depth = trie_depth[node]
         t0 = trie_tok_ids[trie_tok_ptr[node]]  # any token of the subtree spells the node's path
@@ -578,7 +587,7 @@ def _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, pairs,
             continue
         applied = depth
         fail = 1 << 30
-        _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, node)
+        count = _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, node, got, count)
         i = node + 1
         end = node + trie_subtree[node]
         while i < end:
@@ -589,10 +598,10 @@ def _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, pairs,
             if r == 0:
                 i += trie_subtree[i]
                 continue
-            _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, i)
+            count = _set_node_tokens(out, trie_tok_ptr, trie_tok_ids, i, got, count)
             i += 1
     meta[0] = n0
-    return 0
+    return count
 
 
 @numba.njit(**_KERNEL)
@@ -643,6 +652,8 @@ def _completion_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, rule, 
     """
     edge_ptr, edge_rule, edge_target = G[4], G[7], G[8]
     row = meta[0]
+    if row + 1 >= row_ptr.shape[0]:
+        return GROW
     meta[1] += 1
     gen = meta[1]
     begin = row_ptr[row]
@@ -656,6 +667,30 @@ def _completion_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, rule, 
                 if new < 0:
                     return _full(end, begin, max_items)
                 end = new
+    end = _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_items)
+    if end < 0:
+        return end
+    row_ptr[row + 1] = end
+    meta[0] = row + 1
+    return end
+
+
+@numba.njit(**_KERNEL)
+def _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, s, origin):
+    """Make row ``meta[0]`` the closure of the single item ``(s, origin)``: what that item alone reads next.
+
+    Returns the row's end (``meta[0]`` then counts it), or GROW/LIMIT.
+    """
+    row = meta[0]
+    if row + 1 >= row_ptr.shape[0]:
+        return GROW
+    meta[1] += 1
+    gen = meta[1]
+    begin = row_ptr[row]
+    cap = _row_cap(st, ht_key, begin, max_items)
+    end = _add(st, org, ht_key, ht_gen, gen, begin, cap, s, origin)
+    if end < 0:
+        return _full(begin, begin, max_items)
     end = _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_items)
     if end < 0:
         return end
@@ -745,11 +780,16 @@ def _fill_row(G, flags, first, end_null, st, org, row_ptr, ht_key, ht_gen, meta,
               index):
     """Fill ``bitmask[index]`` from the chart's last row.
 
-    A kernel item's uncertain tokens checked through a suffix trie depend only on its entry, its
+    Which of a kernel item's uncertain tokens a suffix trie finds depends only on its entry, its
     rule and the rows up to its origin (the completion row is built from them), so the tokens
     found are remembered in ``memo`` / ``memo_tok`` under (state, entry, origin, ``meta[3]``): the
     next fills inside the same string or number, whose kernel item keeps its origin, set them
-    directly. ``meta[3]`` changes whenever rows could have been rewritten (rollback, reset).
+    directly. ``meta[3]`` changes whenever rows could have been rewritten (rollback, reset). A
+    subtree walk starts from a fresh row holding the item's closure alone (:func:`_seed_row`),
+    not from the current row, so it too depends only on the item and the rows up to its origin,
+    and is remembered the same way: a token the current row reads through another kernel item
+    derives inside that item's own sub-chart, so that item's entry accepts it or its uncertain
+    check finds it (the exactness argument of :mod:`stencil.grammar.masks`).
 
     Returns 0 when done; k > 0 when k row states have no cache entry yet (they are in
     ``states[:k]``: compute them and call again); GROW or LIMIT from the parser (``meta[0]`` then
@@ -782,33 +822,36 @@ def _fill_row(G, flags, first, end_null, st, org, row_ptr, ht_key, ht_gen, meta,
                 continue
             rule = G[9] if cur == 0 else G[2][s]
             origin = 0 if cur == 0 else org[k]
+            slot = (s * 31 + origin) & (memo.shape[0] - 1)
+            if memo[slot, 0] == s and memo[slot, 1] == e and memo[slot, 2] == origin and memo[slot, 3] == meta[3]:
+                for i in range(memo[slot, 4]):
+                    t = memo_tok[slot, i]
+                    out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+                continue
+            memo[slot, 0] = -1
+            meta[0] = n0
             if ent[e, 5] >= 0:
-                slot = (s * 31 + origin) & (memo.shape[0] - 1)
-                if memo[slot, 0] == s and memo[slot, 1] == e and memo[slot, 2] == origin and memo[slot, 3] == meta[3]:
-                    for i in range(memo[slot, 4]):
-                        t = memo_tok[slot, i]
-                        out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
-                    continue
                 # Suffix trie: complete the rule into a fresh row once, read the distinct suffixes.
-                memo[slot, 0] = -1
-                meta[0] = n0
                 r = _completion_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, rule, origin)
                 if r < 0:
                     return r
                 r = _walk_suffixes(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, ids, ent[e, 5], out,
                                    memo_tok[slot])
-                if 0 <= r <= memo_tok.shape[1]:
-                    memo[slot, 0], memo[slot, 1], memo[slot, 2], memo[slot, 3], memo[slot, 4] = s, e, origin, meta[3], r
             else:
                 for w in range(4):
                     cf[w] = np.uint64(0)
                 _context_first(G, first, end_null, st, org, row_ptr, rule, origin, work, cf)
-                meta[0] = n0
+                if cur > 0:  # (row 0 is the closure of its one kernel item already)
+                    r = _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, s, origin)
+                    if r < 0:
+                        return r
                 r = _walk_uncertain(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items,
                                     ids[ent[e, 3]:ent[e, 3] + 2 * ent[e, 4]], cf, trie_byte, trie_depth, trie_subtree,
-                                    trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets, out)
+                                    trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets, out, memo_tok[slot])
             if r < 0:
                 return r
+            if r <= memo_tok.shape[1]:
+                memo[slot, 0], memo[slot, 1], memo[slot, 2], memo[slot, 3], memo[slot, 4] = s, e, origin, meta[3], r
     meta[0] = n0
     for j in range(special_ids.shape[0]):
         meta[0] = n0

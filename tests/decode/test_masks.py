@@ -60,6 +60,7 @@ from stencil.grammar.ir import (
     seq,
     star,
 )
+from stencil.grammar import masks as masks_module
 from stencil.grammar.masks import MaskCache, classify_state, mask_store
 from stencil.grammar.vocab import TokenizerInfo
 from tests.conftest import TOKENIZERS, jsonschemabench_records, tokenizer_dir
@@ -661,3 +662,12 @@ def test_fills_and_accepts_while_the_chart_grows():
         assert fork.accept_token(t)
     fork.fill_next_token_bitmask(bitmask)
     assert_row(fork, bitmask[0].numpy())
+
+
+@pytest.mark.parametrize("label", ["json", "arith.gbnf", "sql.lark"])
+def test_subtree_walks_and_their_memo_equal_brute_force(monkeypatch, label):
+    """With no suffix tries, every uncertain set is checked by subtree walks from the kernel item's
+    own row, remembered for the fills after (same item) along the token walks."""
+    monkeypatch.setattr(masks_module, "SUFFIX_MAX", 0)
+    g = dict(grammars_for("json") + grammars_for("cfg"))[label]
+    assert walk_and_check(tokenizer("gpt2"), g, 16, 1, seed=11) == 16
