@@ -113,13 +113,15 @@ class GrammarMatcher:
         self._scratch: tuple | None = None  # scratch of the mask kernels, made on first use
         # The kernels' arguments are gathered once into tuples and called through their compiled
         # overloads directly (see _overload), gathered again when the chart's arrays or the cache's
-        # pools are replaced: (chart, pools, arguments, overload(s)) for the check and the fill path,
-        # (chart, arguments, overload) for accept_token.
+        # pools are replaced: (chart, pools, arguments, overloads) for the check path, (chart, pools,
+        # bitmask fingerprint, arguments, overload) for the fill, (chart, arguments, overload) for
+        # accept_token.
         self._check: tuple | None = None
         self._fill: tuple | None = None
         self._accept: tuple | None = None
-        self._memo: tuple | None = None  # _fill_row's suffix memo, made on the first fill
-        # The last torch bitmask filled and its numpy view: (tensor, data_ptr, shape, view, fingerprint).
+        self._memo: tuple | None = None  # _fill_row's memo of uncertain tokens found, made on the first fill
+        # The last torch bitmask filled (held, so the identity test is sound) and its numpy view:
+        # (tensor, data_ptr, shape, view, fingerprint).
         self._rows: tuple | None = None
 
     # -- state -----------------------------------------------------------------------------
@@ -443,6 +445,8 @@ def _bitmask_rows(bitmask, words: int) -> np.ndarray:
         raise StencilError(f"bitmask of shape {tuple(arr.shape)} is too narrow: this vocabulary needs {words} words per row")
     if not arr.flags.c_contiguous:
         raise StencilError("the bitmask must be C-contiguous")
+    if not arr.flags.writeable:
+        raise StencilError("the bitmask must be writable")
     return arr
 
 

@@ -632,6 +632,9 @@ def test_reused_bitmask_and_suffix_memo_follow_rollback_reset_and_tensor_changes
         m.fill_next_token_bitmask(bitmask.to(torch.int64))
     with pytest.raises(TypeError):
         m.fill_next_token_bitmask(bitmask, 0.0)
+    flat.flags.writeable = False
+    with pytest.raises(StencilError):
+        m.fill_next_token_bitmask(flat)
 
 
 def test_fills_and_accepts_while_the_chart_grows():
