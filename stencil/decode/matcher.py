@@ -171,7 +171,9 @@ class GrammarMatcher:
         One call of :func:`_accept_token` through its bound arguments: half of a decode step whose
         mask entries exist, so the Python around it is kept to the id check and the answer.
         """
-        t = self._check_id(token_id)
+        t = int(token_id)
+        if not 0 <= t < self._vocab_size:
+            self._check_id(t)  # raises
         if self._terminated:
             return False
         rec = self._rec
@@ -331,7 +333,12 @@ class GrammarMatcher:
         or ``[words]``, with ``words >= ceil(vocab_size / 32)``; words past the vocabulary are zeroed.
         """
         decoder_active()
-        arr, fp = self._bitmask_rows(bitmask)
+        c = self._rows  # the last torch bitmask's view, if this is the same tensor unchanged
+        if (c is not None and c[0] is bitmask and bitmask.data_ptr() == c[1] and bitmask.shape == c[2]
+                and bitmask.dtype is torch.int32):
+            arr, fp = c[3], c[4]
+        else:
+            arr, fp = self._bitmask_rows(bitmask)
         n = arr.shape[0]
         index = operator.index(index)
         if not -n <= index < n:
@@ -371,13 +378,10 @@ class GrammarMatcher:
     def _bitmask_rows(self, bitmask) -> tuple[np.ndarray, bytes]:
         """The bitmask as a 2-D int32 numpy array sharing its memory (checked), and its numba fingerprint.
 
-        A torch tensor's view is kept for the next call while the tensor is the same object with the
-        same memory, shape and dtype: converting and checking it costs more than a cached fill.
+        A torch tensor's view is kept for the next call, which uses it while the tensor is the same
+        object with the same memory, shape and dtype: converting and checking it costs more than a
+        cached fill.
         """
-        c = self._rows
-        if (c is not None and c[0] is bitmask and bitmask.data_ptr() == c[1] and bitmask.shape == c[2]
-                and bitmask.dtype is torch.int32):
-            return c[3], c[4]
         arr = _bitmask_rows(bitmask, self._cache.words)
         fp = compute_fingerprint(arr)
         if isinstance(bitmask, torch.Tensor):
