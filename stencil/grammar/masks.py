@@ -74,7 +74,7 @@ import numba
 import numpy as np
 
 from stencil.decode.parser import _KERNEL, GROW, LIMIT, _add, _closure, _full, _row_cap, advance, grammar_arrays
-from stencil.grammar.vocab import TokenizerInfo
+from stencil.grammar.vocab import TokenizerInfo, _build_trie
 
 __all__ = [
     "ACC_NONE",
@@ -289,13 +289,22 @@ def _horizon_structs(G, rule_minlen, s, s_end, horizons):
     rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
     base = rule_start[state_rule[s]]
     n = s_end - base
+    n_edges = edge_ptr[s_end] - edge_ptr[base]
     inf = np.int64(1) << 40
     far = horizons.max()
+    # Fewest bytes from s to each state of the rule (up to the farthest horizon): a label-correcting
+    # search, each state on the work stack at most once.
     dist = np.full(n, inf, np.int64)
     dist[s - base] = 0
-    stack = [np.int64(s)]
-    while len(stack) > 0:
-        p = stack.pop()
+    on_stack = np.zeros(n, np.bool_)
+    stack = np.empty(n, np.int64)
+    stack[0] = s
+    on_stack[s - base] = True
+    top = 1
+    while top > 0:
+        top -= 1
+        p = stack[top]
+        on_stack[p - base] = False
         for e in range(edge_ptr[p], edge_ptr[p + 1]):
             r = edge_rule[e]
             if r < 0 and edge_lo[e] > 255:
@@ -304,25 +313,34 @@ def _horizon_structs(G, rule_minlen, s, s_end, horizons):
             t = edge_target[e]
             if d <= far and d < dist[t - base]:
                 dist[t - base] = d
-                stack.append(np.int64(t))
-    out = [np.int64(0)]
-    out_ptr = [np.int64(0)]
-    callees_all = [np.int64(0)]
-    callee_ptr = [np.int64(0)]
-    out.pop()
-    callees_all.pop()
-    idx = np.full(n, -1, np.int64)
-    for horizon in horizons:
+                if not on_stack[t - base]:
+                    on_stack[t - base] = True
+                    stack[top] = t
+                    top += 1
+    nh = horizons.shape[0]
+    out = np.empty(nh * (1 + 2 * n + 4 * n_edges), np.int64)
+    out_ptr = np.zeros(nh + 1, np.int64)
+    callees = np.empty(nh * n_edges, np.int64)
+    callee_ptr = np.zeros(nh + 1, np.int64)
+    idx = np.empty(n, np.int64)
+    queue = np.empty(n, np.int64)
+    o = 0
+    nc = 0
+    for h in range(nh):
+        horizon = horizons[h]
         idx[:] = -1
         idx[s - base] = 0
-        queue = [np.int64(s)]
-        callees = [np.int64(-1)]  # typed by its first element; dropped at the end
-        out.append(np.int64(horizon))
+        queue[0] = s
+        n_queue = 1
+        c0 = nc  # this horizon's callees are callees[c0:nc], numbered by first appearance
+        out[o] = horizon
+        o += 1
         head = 0
-        while head < len(queue):
+        while head < n_queue:
             p = queue[head]
             head += 1
-            out.append(np.int64(state_final[p]))
+            out[o] = state_final[p]
+            o += 1
             for e in range(edge_ptr[p], edge_ptr[p + 1]):
                 r = edge_rule[e]
                 t = edge_target[e]
@@ -331,38 +349,42 @@ def _horizon_structs(G, rule_minlen, s, s_end, horizons):
                         continue
                     ti = idx[t - base]
                     if ti < 0:
-                        ti = np.int64(len(queue))
+                        ti = n_queue
                         idx[t - base] = ti
-                        queue.append(np.int64(t))
-                    out.append(np.int64(0))
-                    out.append(np.int64(edge_lo[e]))
-                    out.append(np.int64(edge_hi[e]))
-                    out.append(ti)
+                        queue[n_queue] = t
+                        n_queue += 1
+                    out[o] = 0
+                    out[o + 1] = edge_lo[e]
+                    out[o + 2] = edge_hi[e]
+                    out[o + 3] = ti
+                    o += 4
                 else:
-                    ci = np.int64(-1)
-                    for k in range(1, len(callees)):
+                    ci = -1
+                    for k in range(c0, nc):
                         if callees[k] == r:
-                            ci = np.int64(k - 1)
+                            ci = k - c0
                             break
                     if ci < 0:
-                        ci = np.int64(len(callees) - 1)
-                        callees.append(np.int64(r))
-                    ti = np.int64(-1)
+                        ci = nc - c0
+                        callees[nc] = r
+                        nc += 1
+                    ti = -1
                     if dist[p - base] + rule_minlen[r] <= horizon:
                         ti = idx[t - base]
                         if ti < 0:
-                            ti = np.int64(len(queue))
+                            ti = n_queue
                             idx[t - base] = ti
-                            queue.append(np.int64(t))
-                    out.append(np.int64(1))
-                    out.append(ci)
-                    out.append(ti)
-            out.append(np.int64(-2))  # end of this state's edges
-        out_ptr.append(np.int64(len(out)))
-        for k in range(1, len(callees)):
-            callees_all.append(callees[k])
-        callee_ptr.append(np.int64(len(callees_all)))
-    return np.array(out, np.int64), np.array(out_ptr, np.int64), np.array(callees_all, np.int64), np.array(callee_ptr, np.int64)
+                            queue[n_queue] = t
+                            n_queue += 1
+                    out[o] = 1
+                    out[o + 1] = ci
+                    out[o + 2] = ti
+                    o += 3
+            out[o] = -2  # end of this state's edges
+            o += 1
+        out_ptr[h + 1] = o
+        callee_ptr[h + 1] = nc
+    return out[:o], out_ptr, callees[:nc], callee_ptr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1183,13 +1205,43 @@ def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, c
     return 1
 
 
+@numba.njit(**_KERNEL, inline="always")
+def _popcount(m):
+    """Set bits of a uint32 word (SWAR: constant time, unlike clearing bits one by one)."""
+    m = m - ((m >> np.uint32(1)) & np.uint32(0x55555555))
+    m = (m & np.uint32(0x33333333)) + ((m >> np.uint32(2)) & np.uint32(0x33333333))
+    m = (m + (m >> np.uint32(4))) & np.uint32(0x0F0F0F0F)
+    return np.int64(((m * np.uint32(0x01010101)) >> np.uint32(24)) & np.uint32(0xFF))
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _put_bits(out, k, w, m):
+    """Write the ids of the set bits of word ``w`` (value ``m``) into ``out[k:]`` in increasing order; the new k."""
+    one = np.uint32(1)
+    while m != 0:
+        low = m & (~m + one)
+        out[k] = w * 32 + _popcount(low - one)
+        k += 1
+        m &= m - one
+    return k
+
+
 @numba.njit(cache=True, nogil=True)
-def _merge_accepted(parts, ids, band_ids, text_bits, n_text):
+def _id_bits(ids, W):
+    """The ids as a bitset of ``W`` uint32 words."""
+    out = np.zeros(W, np.uint32)
+    for t in ids:
+        out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_accepted(parts, ids, band_bits, text_bits, n_text):
     """Union of band entries' accepted sets, stored in the cheapest form: (mode, int32 ids or uint32 words).
 
-    ``parts[p] = (mode, off, len, band_lo, band_hi)``: the entry's ids are ``ids[off:off+len]``, as
-    the accepted tokens (ACC_LIST) or as the band's tokens that are *not* accepted (ACC_COMPLEMENT,
-    the band's tokens being ``band_ids[band_lo:band_hi]``).
+    ``parts[p] = (mode, off, len, band)``: the entry's ids are ``ids[off:off+len]``, as the accepted
+    tokens (ACC_LIST) or as the tokens of band ``band`` (bitset ``band_bits[band]``) that are *not*
+    accepted (ACC_COMPLEMENT).
     """
     W = text_bits.shape[0]
     total = 0
@@ -1212,24 +1264,20 @@ def _merge_accepted(parts, ids, band_ids, text_bits, n_text):
     words = np.zeros(W, np.uint32)
     one = np.uint32(1)
     for p in range(parts.shape[0]):
-        mode, off, n, lo, hi = parts[p, 0], parts[p, 1], parts[p, 2], parts[p, 3], parts[p, 4]
+        mode, off, n, band = parts[p, 0], parts[p, 1], parts[p, 2], parts[p, 3]
         if mode == ACC_LIST:
             for j in range(off, off + n):
                 t = ids[j]
                 words[t >> 5] |= one << np.uint32(t & 31)
         elif mode == ACC_COMPLEMENT:
-            for j in range(lo, hi):
-                t = band_ids[j]
-                words[t >> 5] |= one << np.uint32(t & 31)
+            for w in range(W):
+                words[w] |= band_bits[band, w]
             for j in range(off, off + n):
                 t = ids[j]
                 words[t >> 5] &= ~(one << np.uint32(t & 31))
     count = 0
     for w in range(W):
-        m = words[w]
-        while m != 0:
-            m &= m - one
-            count += 1
+        count += _popcount(words[w])
     if count == 0:
         return ACC_NONE, np.zeros(0, np.uint32)
     if count <= W or n_text - count <= W:
@@ -1237,45 +1285,72 @@ def _merge_accepted(parts, ids, band_ids, text_bits, n_text):
         out = np.empty(count if keep_set else n_text - count, np.int32)
         k = 0
         for w in range(W):
-            m = words[w] if keep_set else text_bits[w] & ~words[w]
-            for bit in range(32):
-                if m == 0:
-                    break
-                if m & one:
-                    out[k] = w * 32 + bit
-                    k += 1
-                m >>= one
+            k = _put_bits(out, k, w, words[w] if keep_set else text_bits[w] & ~words[w])
         return (ACC_LIST if keep_set else ACC_COMPLEMENT), out.view(np.uint32)
     return ACC_BITS, words
 
 
 @numba.njit(cache=True, nogil=True)
-def _band_accepted(acc, sorted_band, words):
-    """A band entry's accepted set as sorted ids: itself (ACC_LIST) or the band's other tokens (ACC_COMPLEMENT).
+def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node, rec_ae_ptr, rec_ae, words):
+    """The band entries of one :func:`_classify_bands` call, from its scratch buffers into four flat arrays.
 
-    ``words`` is zeroed scratch of ceil(V/32) words (left zeroed). Small sets are sorted; large
-    ones are marked in ``words`` and read back in id order, one pass over the band.
+    Per band ``bands[j]`` (``counts[j] = (n_acc, n_rec, n_ae, visited)``, n_acc = -1 after the item
+    limit): its accepted set as sorted ids, itself (ACC_LIST) or the band's other tokens
+    (ACC_COMPLEMENT), whichever is shorter; its records and end positions. Returns ``(modes,
+    ptr[j] = (acc, rec, rec_ae_ptr, rec_ae) offsets into the four arrays, accepted, records,
+    record pointers, end positions)``. A band past the item limit gets the conservative entry:
+    nothing accepted, its whole trie one unconditional record. ``words`` is zeroed scratch of at
+    least ceil(V/32) words (left zeroed).
     """
-    n = acc.shape[0]
-    band = sorted_band.shape[0]
-    if n == 0:
-        return ACC_NONE, np.zeros(0, np.int32)
-    keep = n <= band - n
-    if keep and n <= 4096:
-        return ACC_LIST, np.sort(acc)
+    nb = bands.shape[0]
+    modes = np.zeros(nb, np.int64)
+    ptr = np.zeros((nb + 1, 4), np.int64)
+    for j in range(nb):
+        n, n_rec, n_ae = counts[j, 0], counts[j, 1], counts[j, 2]
+        band = tok_hi[bands[j]] - tok_lo[bands[j]]
+        if n < 0:
+            n_acc, n_rec, n_ae = 0, 1, 0
+        else:
+            n_acc = n if n <= band - n else band - n
+            if n > 0:
+                modes[j] = ACC_LIST if n <= band - n else ACC_COMPLEMENT
+        ptr[j + 1, 0] = ptr[j, 0] + n_acc
+        ptr[j + 1, 1] = ptr[j, 1] + n_rec
+        ptr[j + 1, 2] = ptr[j, 2] + n_rec + 1
+        ptr[j + 1, 3] = ptr[j, 3] + n_ae
+    out_acc = np.empty(ptr[nb, 0], np.int32)
+    out_rec = np.empty(ptr[nb, 1], np.int32)
+    out_rap = np.zeros(ptr[nb, 2], np.int32)
+    out_ae = np.empty(ptr[nb, 3], np.uint16)
     one = np.uint32(1)
-    for t in acc:
-        words[t >> 5] |= one << np.uint32(t & 31)
-    out = np.empty(n if keep else band - n, np.int32)
-    k = 0
-    want = one if keep else np.uint32(0)
-    for t in sorted_band:
-        if ((words[t >> 5] >> np.uint32(t & 31)) & one) == want:
-            out[k] = t
-            k += 1
-    for t in acc:
-        words[t >> 5] = 0
-    return (ACC_LIST if keep else ACC_COMPLEMENT), out
+    ae_off = 0
+    for j in range(nb):
+        b = bands[j]
+        n = counts[j, 0]
+        if n < 0:
+            out_rec[ptr[j, 1]] = node_lo[b]
+            continue
+        lo = tok_lo[b]
+        k = ptr[j, 0]
+        if modes[j] == ACC_LIST and n <= 4096:
+            out_acc[k:k + n] = np.sort(acc[lo:lo + n])
+        elif n > 0:
+            # Large sets: marked in the words and read back in id order, one pass over the words.
+            for i in range(lo, lo + n):
+                t = acc[i]
+                words[t >> 5] |= one << np.uint32(t & 31)
+            keep = modes[j] == ACC_LIST
+            for w in range(band_bits.shape[1]):
+                k = _put_bits(out_acc, k, w, words[w] if keep else band_bits[b, w] & ~words[w])
+            for i in range(lo, lo + n):
+                words[acc[i] >> 5] = 0
+        n_rec, n_ae = counts[j, 1], counts[j, 2]
+        r, pl = ptr[j, 1], node_lo[b] + b
+        out_rec[r:r + n_rec] = rec_node[node_lo[b]:node_lo[b] + n_rec]
+        out_rap[ptr[j, 2]:ptr[j, 2] + n_rec + 1] = rec_ae_ptr[pl:pl + n_rec + 1]
+        out_ae[ptr[j, 3]:ptr[j, 3] + n_ae] = rec_ae[ae_off:ae_off + n_ae]
+        ae_off += n_ae
+    return modes, ptr, out_acc, out_rec, out_rap, out_ae
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1399,8 +1474,6 @@ class Forest:
     """
 
     def __init__(self, info: TokenizerInfo):
-        from stencil.grammar.vocab import _build_trie
-
         lengths = np.diff(info.token_offsets)
         in_order = info.trie_tok_ids  # text tokens sorted by bytes
         self.bands: list[tuple[int, int]] = []
@@ -1427,7 +1500,8 @@ class Forest:
             self.token_node[mine] = p[5][mine] + node_base[k]
         self.band_tok_lo = tok_base[:-1].astype(np.int64)
         self.band_tok_hi = tok_base[1:].astype(np.int64)
-        self.sorted_band_ids = [np.sort(self.trie_tok_ids[a:b]) for a, b in zip(self.band_tok_lo, self.band_tok_hi)]
+        words = (info.vocab_size + 31) // 32
+        self.band_bits = np.stack([_id_bits(self.trie_tok_ids[a:b], words) for a, b in zip(self.band_tok_lo, self.band_tok_hi)])
         self.horizons = np.array([hi for _, hi in self.bands], np.int64)
         self.sub_bytes, self.utf8_ok = _subtree_sets(self.trie_byte, self.trie_subtree, UTF8)
 
@@ -1597,21 +1671,14 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
         else:
             break
     seconds = (time.perf_counter() - t0) / max(len(bands), 1)
-    out = []
-    ae_off = 0
-    for j, b in enumerate(bands.tolist()):
-        n_acc, n_rec, n_ae, visited = (int(c) for c in counts[j])
-        lo, pl = int(forest.node_lo[b]), int(forest.node_lo[b]) + b
-        if n_acc < 0:
-            out.append(StateMasks(ACC_NONE, np.zeros(0, np.int32), 0, np.array([lo], np.int32), np.zeros(2, np.int32),
-                                  np.zeros(0, np.uint16), 0, seconds))
-            continue
-        tl = int(forest.band_tok_lo[b])
-        mode, srt = _band_accepted(sc.acc[tl:tl + n_acc], forest.sorted_band_ids[b], sc.words)
-        out.append(StateMasks(int(mode), srt, n_acc, sc.rec_node[lo:lo + n_rec].copy(), sc.rec_ae_ptr[pl:pl + n_rec + 1].copy(),
-                              sc.rec_ae[ae_off:ae_off + n_ae].copy(), visited, seconds))
-        ae_off += n_ae
-    return out
+    modes, ptr, acc, rec_node, rec_ae_ptr, rec_ae = _pack_bands(counts, bands, forest.node_lo, forest.band_tok_lo,
+                                                                forest.band_tok_hi, forest.band_bits, sc.acc, sc.rec_node,
+                                                                sc.rec_ae_ptr, sc.rec_ae, sc.words)
+    p = ptr.tolist()
+    return [StateMasks(mode, acc[a0:a1], max(n_acc, 0), rec_node[r0:r1], rec_ae_ptr[q0:q1], rec_ae[e0:e1],
+                       visited if n_acc >= 0 else 0, seconds)
+            for mode, (n_acc, _, _, visited), (a0, r0, q0, e0), (a1, r1, q1, e1)
+            in zip(modes.tolist(), counts.tolist(), p, p[1:])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1697,13 +1764,17 @@ class MaskStore:
                 e = self._entries.get(key)
                 if e is not None:
                     self._entries.move_to_end(key)
-                    self.hits += 1
                     out[i] = e
                 elif key in self._inflight:
                     waits.append((i, self._inflight[key]))
                 else:
-                    self._inflight[key] = threading.Event()
                     mine.append(i)
+            self.hits += len(keys) - len(mine) - len(waits)
+            if not mine and not waits:
+                return out  # type: ignore[return-value]
+            done = threading.Event()  # one for every key this call makes
+            for i in mine:
+                self._inflight[keys[i]] = done
         try:
             todo = []
             for i in mine:
@@ -1733,9 +1804,9 @@ class MaskStore:
                     self.nbytes -= old.nbytes
         finally:
             with self._lock:
-                events = [self._inflight.pop(keys[i]) for i in mine]
-            for ev in events:
-                ev.set()
+                for i in mine:
+                    del self._inflight[keys[i]]
+            done.set()
         for i, ev in waits:
             ev.wait()
             # Usually there now; recomputed if the making thread failed or the LRU dropped it.
@@ -1824,10 +1895,14 @@ class _Keys:
         r = int(self.g.state_rule[s])
         ser, ser_ptr, callees, callee_ptr = _horizon_structs(self.G, self.minlen, np.int64(s), self.rule_end[r],
                                                              horizons)
+        raw = ser.tobytes()
+        sp = ser_ptr.tolist()
+        cp = callee_ptr.tolist()
+        called = callees.tolist()
         keys = []
-        for k in range(horizons.shape[0]):
-            h = hashlib.blake2b(ser[ser_ptr[k]:ser_ptr[k + 1]].tobytes(), digest_size=20)
-            for c in callees[callee_ptr[k]:callee_ptr[k + 1]].tolist():
+        for k in range(len(sp) - 1):
+            h = hashlib.blake2b(raw[8 * sp[k]:8 * sp[k + 1]], digest_size=20)
+            for c in called[cp[k]:cp[k + 1]]:
                 h.update(self.rule_key(c))
             keys.append(h.digest())
         return tuple(keys)
@@ -1841,8 +1916,48 @@ class _Keys:
 SUFFIX_MAX = 4096  # (token, end) pairs of an entry's uncertain set turned into a suffix trie; more: walk subtrees
 
 
-def _suffix_block(pairs: np.ndarray, pos_ptr: np.ndarray, pos: np.ndarray, forest: Forest,
-                  info: TokenizerInfo) -> np.ndarray | None:
+@numba.njit(**_KERNEL, inline="always")
+def _bytes_less(data, offsets, i, j):
+    """Is byte string i of ``data`` (at ``offsets``) before string j (bytes, then index: a stable order)?"""
+    a, b = offsets[i], offsets[j]
+    la, lb = offsets[i + 1] - a, offsets[j + 1] - b
+    for c in range(min(la, lb)):
+        if data[a + c] != data[b + c]:
+            return data[a + c] < data[b + c]
+    return la < lb or (la == lb and i < j)
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_strings(data, offsets):
+    """Indices of the byte strings of ``data`` (at ``offsets``) sorted by (bytes, index): a merge sort."""
+    m = offsets.shape[0] - 1
+    order = np.arange(m).astype(np.int32)
+    tmp = np.empty(m, np.int32)
+    width = 1
+    while width < m:
+        for lo in range(0, m, 2 * width):
+            mid = min(lo + width, m)
+            hi = min(lo + 2 * width, m)
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                if _bytes_less(data, offsets, order[j], order[i]):
+                    tmp[k] = order[j]
+                    j += 1
+                else:
+                    tmp[k] = order[i]
+                    i += 1
+                k += 1
+            tmp[k:k + mid - i] = order[i:mid]
+            k += mid - i
+            tmp[k:k + hi - j] = order[j:hi]
+        order, tmp = tmp, order
+        width *= 2
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
+def _suffix_block(pairs, pos_ptr, pos, trie_tok_ptr, trie_tok_ids, trie_subtree, token_bytes, token_offsets,
+                  suffix_max):
     """The uncertain tokens' suffixes after each possible rule end, as a trie in one int32 block.
 
     An uncertain token is allowed iff, for one of its end positions k, the bytes after k can be
@@ -1850,36 +1965,99 @@ def _suffix_block(pairs: np.ndarray, pos_ptr: np.ndarray, pos: np.ndarray, fores
     every token, so the mask fill builds it once and walks this trie of distinct suffixes instead
     of every token's bytes. Layout: ``[n_nodes, n_tokens, byte[n], depth[n], subtree[n],
     tok_ptr[n+1], token ids]`` (the flat preorder trie layout of :mod:`stencil.grammar.vocab`).
-    None when a record is unconditional or there are more than ``SUFFIX_MAX`` pairs.
+    Empty when a record is unconditional or there are more than ``suffix_max`` (token, end) pairs.
     """
-    from stencil.grammar.vocab import _build_trie
-
-    toks_all, ks_all = [], []
+    none = np.zeros(0, np.int32)
+    n_rec = pairs.shape[0] // 2
     total = 0
-    for j in range(pairs.shape[0] // 2):
-        node = int(pairs[2 * j])
+    for j in range(n_rec):
+        node = pairs[2 * j]
+        if pos_ptr[j + 1] == pos_ptr[j]:
+            return none
         ends = np.unique(pos[pos_ptr[j]:pos_ptr[j + 1]])
-        if ends.size == 0:
-            return None
-        toks = forest.trie_tok_ids[forest.trie_tok_ptr[node]:forest.trie_tok_ptr[node + forest.trie_subtree[node]]]
-        total += toks.size * ends.size
-        if total > SUFFIX_MAX:
-            return None
-        toks_all.append(np.repeat(toks, ends.size))
-        ks_all.append(np.tile(ends, toks.size))
+        total += (trie_tok_ptr[node + trie_subtree[node]] - trie_tok_ptr[node]) * ends.shape[0]
+        if total > suffix_max:
+            return none
     if total == 0:
-        return None
-    toks = np.concatenate(toks_all)
-    starts = info.token_offsets[toks] + np.concatenate(ks_all)
-    ends = info.token_offsets[toks + 1]
-    chunks = [info.token_bytes[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
-    data = np.concatenate(chunks)
-    offsets = np.zeros(len(chunks) + 1, np.int64)
-    np.cumsum(ends - starts, out=offsets[1:])
-    order = np.array(sorted(range(len(chunks)), key=lambda i: chunks[i].tobytes()), np.int32)
-    tb, td, ts, tp, tids, _ = _build_trie(data, offsets, order, len(chunks))
-    return np.concatenate([np.array([tb.shape[0], tids.shape[0]], np.int32), tb.astype(np.int32), td, ts, tp,
-                           toks[tids].astype(np.int32)])
+        return none
+    # (token, end) pairs, token-major, ends ascending; their suffixes token[end:] as strings.
+    toks = np.empty(total, np.int32)
+    offsets = np.zeros(total + 1, np.int64)
+    k = 0
+    for j in range(n_rec):
+        node = pairs[2 * j]
+        ends = np.unique(pos[pos_ptr[j]:pos_ptr[j + 1]])
+        for q in range(trie_tok_ptr[node], trie_tok_ptr[node + trie_subtree[node]]):
+            t = trie_tok_ids[q]
+            for e in ends:
+                toks[k] = t
+                offsets[k + 1] = offsets[k] + token_offsets[t + 1] - token_offsets[t] - e
+                k += 1
+    data = np.empty(offsets[total], np.uint8)
+    k = 0
+    for j in range(n_rec):
+        node = pairs[2 * j]
+        ends = np.unique(pos[pos_ptr[j]:pos_ptr[j + 1]])
+        for q in range(trie_tok_ptr[node], trie_tok_ptr[node + trie_subtree[node]]):
+            t = trie_tok_ids[q]
+            for e in ends:
+                data[offsets[k]:offsets[k + 1]] = token_bytes[token_offsets[t] + e:token_offsets[t + 1]]
+                k += 1
+    tb, td, ts, tp, tids, _ = _build_trie(data, offsets, _sort_strings(data, offsets), total)
+    n = tb.shape[0]
+    out = np.empty(2 + 4 * n + 1 + tids.shape[0], np.int32)
+    out[0] = n
+    out[1] = tids.shape[0]
+    out[2:2 + n] = tb
+    out[2 + n:2 + 2 * n] = td
+    out[2 + 2 * n:2 + 3 * n] = ts
+    out[2 + 3 * n:3 + 4 * n] = tp
+    for i in range(tids.shape[0]):
+        out[3 + 4 * n + i] = toks[tids[i]]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _build_entry(parts, acc, band_bits, text_bits, n_text, rec_node, rec_ae_ptr, rec_ae, follow_row, trie_tok_ptr,
+                 trie_tok_ids, trie_subtree, token_bytes, token_offsets, suffix_max):
+    """A grammar's entry for one combination of band entries: (accepted mode, its data, uncertain pairs, suffix block).
+
+    ``parts[p] = (acc mode, acc offset, acc length, band, rec offset, rec count, rec_ae_ptr offset,
+    rec_ae offset)`` locate band entry p's arrays in the concatenations ``acc``, ``rec_node``,
+    ``rec_ae_ptr`` and ``rec_ae``. The accepted sets are merged (:func:`_merge_accepted`), each
+    band's records resolved with FOLLOW ``follow_row`` (:func:`_resolve_records`; nodes stay sorted,
+    the bands' tries being laid out in band order), and the suffix trie of the uncertain tokens
+    built (:func:`_suffix_block`, empty when there is none).
+    """
+    mode, data = _merge_accepted(parts[:, :4], acc, band_bits, text_bits, n_text)
+    n_pairs = 0
+    n_pos = 0
+    resolved = []
+    for p in range(parts.shape[0]):
+        r0, nr, a0 = parts[p, 4], parts[p, 5], parts[p, 6]
+        res = _resolve_records(rec_node[r0:r0 + nr], rec_ae_ptr[a0:a0 + nr + 1], rec_ae[parts[p, 7]:], follow_row,
+                               trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets)
+        n_pairs += res[0].shape[0]
+        n_pos += res[2].shape[0]
+        resolved.append(res)
+    unc = np.empty(n_pairs, np.int32)
+    pos_ptr = np.zeros(n_pairs // 2 + 1, np.int64)
+    pos = np.empty(n_pos, np.int32)
+    i = 0
+    k = 0
+    for res in resolved:
+        pr, pp, ps = res
+        unc[i:i + pr.shape[0]] = pr
+        for j in range(1, pp.shape[0]):
+            pos_ptr[i // 2 + j] = pos_ptr[i // 2] + pp[j]
+        pos[k:k + ps.shape[0]] = ps
+        i += pr.shape[0]
+        k += ps.shape[0]
+    block = np.zeros(0, np.int32)
+    if n_pairs > 0:
+        block = _suffix_block(unc, pos_ptr, pos, trie_tok_ptr, trie_tok_ids, trie_subtree, token_bytes, token_offsets,
+                              suffix_max)
+    return mode, data, unc, block
 
 
 class MaskCache:
@@ -1928,6 +2106,7 @@ class MaskCache:
         self._classes = (self._keys.minlen, self._keys.rule_end, np.zeros((len(self.forest.bands), g.n_states), np.int64)
                          ) + byte_classes(self.G, _UTF8_CUTS)
         self._combos: dict[tuple[bytes, ...], int] = {}  # band keys -> row of ent
+        self._state_keys: dict[int, tuple[bytes, ...]] = {}  # state -> its band keys (the decoder and warm-up share them)
         self._lock = threading.Lock()
         self._n_ent = 0
         self._n_ids = 0
@@ -1947,7 +2126,11 @@ class MaskCache:
 
     def band_keys(self, s: int) -> tuple[bytes, ...]:
         """The cross-grammar keys of state s, one per band: what it reaches within the band's longest token."""
-        return self._keys.state_keys(int(s), self._horizons)
+        s = int(s)
+        keys = self._state_keys.get(s)
+        if keys is None:
+            keys = self._state_keys[s] = self._keys.state_keys(s, self._horizons)
+        return keys
 
     def state_masks(self, s: int) -> list[StateMasks]:
         """The grammar-independent band entries of state s (shared store, disk cache, or fresh walks)."""
@@ -1976,20 +2159,21 @@ class MaskCache:
     def _add_entry(self, keys: tuple[bytes, ...], parts: list[StateMasks], follow_row: np.ndarray) -> int:
         """Merge band entries into one pooled entry (resolving uncertain records with FOLLOW); its row."""
         forest = self.forest
-        ids_cat = np.concatenate([p.acc for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
-        offs = np.cumsum([0] + [p.acc.shape[0] for p in parts])
-        table = np.array([(p.acc_mode, offs[k], p.acc.shape[0], forest.band_tok_lo[k], forest.band_tok_hi[k])
-                          for k, p in enumerate(parts)], np.int64).reshape(-1, 5)
-        mode, data = _merge_accepted(table, ids_cat, forest.trie_tok_ids, self.text_bits, self.store.n_text)
         info = self.info
-        resolved = [_resolve_records(p.rec_node, p.rec_ae_ptr, p.rec_ae, follow_row, forest.trie_tok_ptr,
-                                     forest.trie_tok_ids, info.token_bytes, info.token_offsets) for p in parts]
-        unc = np.concatenate([r[0] for r in resolved] + [np.zeros(0, np.int32)])  # (node, after) pairs, nodes sorted
-        pos_ptr = np.concatenate([[0]] + [r[1][1:] + sum(x[2].shape[0] for x in resolved[:k])
-                                          for k, r in enumerate(resolved)]).astype(np.int64)
-        pos = np.concatenate([r[2] for r in resolved] + [np.zeros(0, np.int32)])
-        block = _suffix_block(unc, pos_ptr, pos, forest, info) if unc.shape[0] else None
-        n_block = block.shape[0] if block is not None else 0
+        rows = []
+        a = r = e = 0
+        for k, p in enumerate(parts):
+            na, nr = p.acc.shape[0], p.rec_node.shape[0]
+            rows.append((p.acc_mode, a, na, k, r, nr, r + k, e))
+            a, r, e = a + na, r + nr, e + p.rec_ae.shape[0]
+        table = np.array(rows, np.int64)
+        mode, data, unc, block = _build_entry(
+            table, np.concatenate([p.acc for p in parts]), forest.band_bits, self.text_bits, self.store.n_text,
+            np.concatenate([p.rec_node for p in parts]), np.concatenate([p.rec_ae_ptr for p in parts]),
+            np.concatenate([p.rec_ae for p in parts]), follow_row, forest.trie_tok_ptr, forest.trie_tok_ids,
+            forest.trie_subtree, info.token_bytes, info.token_offsets, SUFFIX_MAX)
+        mode = int(mode)
+        n_block = block.shape[0]
         n_list = data.shape[0] if mode in (ACC_LIST, ACC_COMPLEMENT) else 0
         with self._lock:
             row = self._combos.get(keys)
@@ -2015,7 +2199,7 @@ class MaskCache:
             unc_off = self._n_ids
             self._n_ids += unc.shape[0]
             suffix_off = -1
-            if block is not None:
+            if n_block:
                 ids[self._n_ids:self._n_ids + n_block] = block
                 suffix_off = self._n_ids
                 self._n_ids += n_block
