@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+from array import array
 import os
 import threading
 import time
@@ -1875,8 +1876,7 @@ class _Keys:
         if hit is None:
             order = [r]
             index = {r: 0}
-            h = hashlib.blake2b(digest_size=16)
-            h.update(f"stencil-masks-{_FORMAT_VERSION}".encode())
+            chunks = [f"stencil-masks-{_FORMAT_VERSION}".encode()]
             i = 0
             while i < len(order):
                 digest, refs = self._rule_struct(order[i])
@@ -1884,10 +1884,10 @@ class _Keys:
                     if q not in index:
                         index[q] = len(order)
                         order.append(q)
-                h.update(digest)
-                h.update(np.array([index[q] for q in refs], np.int64).tobytes())
+                chunks.append(digest)
+                chunks.append(array("q", [index[q] for q in refs]).tobytes())  # native int64, as numpy's tobytes
                 i += 1
-            hit = self._closure[r] = h.digest()
+            hit = self._closure[r] = hashlib.blake2b(b"".join(chunks), digest_size=16).digest()
         return hit
 
     def state_keys(self, s: int, horizons: np.ndarray) -> tuple[bytes, ...]:
@@ -1898,14 +1898,10 @@ class _Keys:
         raw = ser.tobytes()
         sp = ser_ptr.tolist()
         cp = callee_ptr.tolist()
-        called = callees.tolist()
-        keys = []
-        for k in range(len(sp) - 1):
-            h = hashlib.blake2b(raw[8 * sp[k]:8 * sp[k + 1]], digest_size=20)
-            for c in called[cp[k]:cp[k + 1]]:
-                h.update(self.rule_key(c))
-            keys.append(h.digest())
-        return tuple(keys)
+        called = [self.rule_key(c) for c in callees.tolist()]
+        # One hash of the structure followed by the callees' keys (as if fed one after the other).
+        return tuple(hashlib.blake2b(b"".join([raw[8 * sp[k]:8 * sp[k + 1]]] + called[cp[k]:cp[k + 1]]),
+                                     digest_size=20).digest() for k in range(len(sp) - 1))
 
 
 # ----------------------------------------------------------------------------------------------
