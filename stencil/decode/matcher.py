@@ -23,6 +23,9 @@ import numba
 import numpy as np
 import torch
 from numba._dispatcher import compute_fingerprint
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array, populate_array
 
 from stencil.decode import jump_forward as _jump_forward
 from stencil.decode import speculative as _speculative
@@ -52,13 +55,16 @@ _REJECTED = 0
 _ACCEPTED = 1
 _ASK_PARSER = 2
 
-# _check_tokens fails with -(4 * payload + code): the payload is the token's index for _BAD_ID
+# The check kernel fails with -(4 * payload + code): the payload is the token's index for _BAD_ID
 # (an id outside the vocabulary), the chart's row count before the call for _GROWS and _LIMITED
-# (the parser needs more room, or hit max_items_per_row; meta[0] is left at the row that did).
+# (the parser needs more room, or hit max_items_per_row; meta[0] is left at the row that did);
+# _STALE (payload 1): the packed arrays are not the chart's any more, nothing was read.
+_STALE = 0
 _BAD_ID = 1
 _GROWS = 2
 _LIMITED = 3
-_CHUNK = 63  # tokens per _check_tokens call: their verdict bits make a non-negative int64
+_CHUNK = 62  # tokens per check kernel call: verdict bits 0..61 of a non-negative int64
+_NO_ENTRY = 1 << 62  # set with the verdicts when a row state had no entry in the bound pools snapshot
 
 # The fill's memo of suffix-trie results (see _fill_row): slots, and tokens remembered per slot
 _MEMO_SLOTS = 8
@@ -75,6 +81,8 @@ _TOKEN_STOP = -4  # a stop token, accepted: the matcher terminates
 
 _codes_of_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _overloads: dict[tuple, object] = {}  # (kernel, argument fingerprints, extra types) -> _overload
+_tuple_entries: list = []  # _check_bound compiled for a tuple of one token and of two (see _check_entry_points)
+_UNBOUND: np.ndarray  # the pack of a matcher that has not bound its arrays yet (defined below)
 
 
 def _token_codes(cache) -> np.ndarray:
@@ -107,16 +115,20 @@ class GrammarMatcher:
         self._history: list[int] = []  # symbols consumed per accepted token (-1: a stop token)
         self._terminated = False
         self._unbind()
+        if not _tuple_entries:
+            _tuple_entries.extend(_check_entry_points())
 
     def _unbind(self) -> None:
         """Forget the kernels' bound arguments and scratch (a new matcher, or a fork's own copy)."""
         self._scratch: tuple | None = None  # scratch of the mask kernels, made on first use
         # The kernels' arguments are gathered once into tuples and called through their compiled
         # overloads directly (see _overload), gathered again when the chart's arrays or the cache's
-        # pools are replaced: (chart, pools, arguments, overloads) for the check path, (chart, pools,
-        # bitmask fingerprint, arguments, overload) for the fill, (chart, arguments, overload) for
-        # accept_token.
+        # pools are replaced: (chart, pools, bitmask fingerprint, arguments, overload) for the fill,
+        # (chart, arguments, overload) for accept_token. The check path packs its arrays' addresses
+        # into one array instead (see _pack_bound): _check_pack, with _check = (pools, arguments), which
+        # keeps the packed arrays alive.
         self._check: tuple | None = None
+        self._check_pack = _UNBOUND
         self._fill: tuple | None = None
         self._accept: tuple | None = None
         self._memo: tuple | None = None  # _fill_row's memo of uncertain tokens found, made on the first fill
@@ -214,7 +226,7 @@ class GrammarMatcher:
     def try_tokens(self, token_ids: Sequence[int] | np.ndarray) -> list[bool]:
         """Would ``accept_token`` succeed for each of ``token_ids``, on its own, from here?
 
-        The state does not change. One kernel call answers up to 63 tokens (what a sampler that
+        The state does not change. One kernel call answers up to 62 tokens (what a sampler that
         checks a few candidates at once wants): the cache states are looked up once, and uncertain
         tokens run the parser in the same call.
         """
@@ -236,40 +248,48 @@ class GrammarMatcher:
     def _check_tokens(self, toks: tuple[int, ...] | np.ndarray, start: int) -> int:
         """Verdicts on ``toks[start:start + _CHUNK]`` (not terminated) as bits; raises on a bad id.
 
-        The hot path of AWRS and check-first sampling, so it does little besides the kernel call:
-        the arguments are one bound tuple, still valid while the chart's and the cache's arrays are
-        the ones it holds (compared by identity), and the kernel answers with one int.
+        The hot path of AWRS and check-first sampling, so it is one kernel call when nothing changed:
+        the kernel gets one packed array of the bound arrays' addresses (see :func:`_pack_bound`),
+        finds out itself whether the chart's arrays were replaced since, and answers with one int.
         """
+        r = (_tuple_entries[len(toks) - 1] if type(toks) is tuple else _check_bound)(self._check_pack, toks, start)
+        if r < 0 or r >= _NO_ENTRY:
+            r = self._settle(toks, start, r)
+        return r
+
+    def _settle(self, toks: tuple[int, ...] | np.ndarray, start: int, r: int) -> int:
+        """The verdict bits after the check kernel answered ``r``: rebind, grow, raise or call again."""
         rec = self._rec
-        c = self._check
-        if c is None or c[0] is not rec.chart or c[1] is not self._cache.pools:
-            c = self._bind_check()
-        r = (c[3][len(toks) - 1] if type(toks) is tuple else _check_tokens)(*c[2], toks, start)
         while r < 0:
             code, payload = -r & 3, -r >> 2
             if code == _BAD_ID:
                 self._check_id(int(toks[payload]))  # raises: the kernel's vocabulary is the compiled one
-            if code == _LIMITED:
-                at = int(rec._meta[0]) - 1
+            if code != _STALE:
+                if code == _LIMITED:
+                    at = int(rec._meta[0]) - 1
+                    rec._meta[0] = payload
+                    rec._check(LIMIT, at)
+                rec._grow()
                 rec._meta[0] = payload
-                rec._check(LIMIT, at)
-            rec._grow()
-            rec._meta[0] = payload
-            r = _check_tokens(*self._bind_check()[2], toks, start)
+            self._bind_check()
+            r = _check_bound(self._check_pack, toks, start)
+        if r >= _NO_ENTRY:
+            # The verdicts are exact (an older snapshot is a consistent, smaller cache; the parser
+            # answered for the states it lacks), but the cache may have the entries by now.
+            if self._check[0] is not self._cache.pools:
+                self._bind_check()
+            r -= _NO_ENTRY
         return r
 
-    def _bind_check(self) -> tuple:
-        """Gather _check_tokens' arguments from the chart and the cache as they are now."""
+    def _bind_check(self) -> None:
+        """Gather the check kernel's arrays from the chart and the cache as they are now, and pack them."""
         rec, cache, info = self._rec, self._cache, self.tokenizer_info
         states, seen, _, _ = self._scratch_arrays()
         pools = cache.pools
-        b = (rec.G, cache.flags, *rec.chart, rec.max_items_per_row, *pools, cache.forest.trie_subtree,
-             info.token_bytes, info.token_offsets, _token_codes(cache), states, seen)
-        # For a tuple of one token and of two: what AWRS and try_token pass.
-        entries = tuple(_overload(_check_tokens, b, (numba.types.UniTuple(numba.types.int64, k), numba.types.int64))
-                        for k in (1, 2))
-        self._check = (rec.chart, pools, b, entries)
-        return self._check
+        bound = (rec.G, cache.flags, *rec.chart, rec.max_items_per_row, *pools, cache.forest.trie_subtree,
+                 info.token_bytes, info.token_offsets, _token_codes(cache), states, seen, int(rec._meta[4]))
+        self._check = (pools, bound)
+        self._check_pack = _pack_bound(bound)
 
     def _recover(self, r: int) -> None:
         """After a kernel answered GROW or LIMIT with ``meta[2]`` = the row count before the call and
@@ -988,7 +1008,8 @@ def _check_tokens(G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, s
     :func:`_token_codes`. Each token on its own; the chart is left as it was. Text tokens the cache
     decides cost a lookup; uncertain ones (or all, while a row state has no cache entry) are parsed
     byte by byte in scratch rows past the last one. Returns the verdicts as bits (bit i - start set
-    for an accepted ``toks[i]``), or -(4 * payload + code) on failure (see _BAD_ID).
+    for an accepted ``toks[i]``), plus _NO_ENTRY if a row state has no cache entry, or -(4 * payload
+    + code) on failure (see _BAD_ID).
     """
     n0 = meta[0]
     ns, missing = _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen)
@@ -1031,7 +1052,145 @@ def _check_tokens(G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, s
         meta[0] = n0
         if ok:
             verdicts |= bit
-    return verdicts
+    return verdicts | _NO_ENTRY if missing > 0 else verdicts
+
+
+def _array_type(dtype, ndim: int = 1) -> types.Array:
+    return types.Array(dtype, ndim, "C")
+
+
+# The check kernel's arguments (those of _check_tokens but the tokens), and the count of the chart's
+# array replacements when they were bound (meta[4], see Recognizer._new_chart): the types _pack_into
+# accepts, nothing else.
+_BOUND_TYPES = (
+    types.Tuple([_array_type(types.int32), _array_type(types.uint8), _array_type(types.int32),
+                 _array_type(types.uint8)] + [_array_type(types.int32)] * 5 + [types.int32]),  # the grammar
+    _array_type(types.uint8),  # state flags
+    *[_array_type(types.int32)] * 3, *[_array_type(types.int64)] * 3, types.int64,  # st .. meta, max_items
+    _array_type(types.int32), _array_type(types.int32, 2), _array_type(types.int32), _array_type(types.uint32, 2),
+    _array_type(types.int32), _array_type(types.uint8), _array_type(types.int64), _array_type(types.int32),
+    _array_type(types.int32), _array_type(types.int64),  # trie_subtree .. seen
+    types.int64,  # replacements
+)
+_PACK_SLOTS = 29  # the grammar's nine arrays and root, then one slot per other argument
+_UNBOUND = np.zeros(3 * _PACK_SLOTS, np.int64)  # meta's address 0: the kernel asks to bind first
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _put(out, slot, a):
+    out[3 * slot] = a.ctypes.data
+    for d in range(a.ndim):
+        out[3 * slot + 1 + d] = a.shape[d]
+
+
+@numba.njit(**_KERNEL)
+def _pack_into(out, G, flags, st, org, row_ptr, ht_key, ht_gen, meta, max_items, state_entry, ent, ids, bits,
+               trie_subtree, token_bytes, token_offsets, token_code, states, seen, replacements):
+    """Write :func:`_pack_bound`'s pack into ``out``."""
+    _put(out, 0, G[0])
+    _put(out, 1, G[1])
+    _put(out, 2, G[2])
+    _put(out, 3, G[3])
+    _put(out, 4, G[4])
+    _put(out, 5, G[5])
+    _put(out, 6, G[6])
+    _put(out, 7, G[7])
+    _put(out, 8, G[8])
+    out[27] = G[9]
+    _put(out, 10, flags)
+    _put(out, 11, st)
+    _put(out, 12, org)
+    _put(out, 13, row_ptr)
+    _put(out, 14, ht_key)
+    _put(out, 15, ht_gen)
+    _put(out, 16, meta)
+    out[51] = max_items
+    _put(out, 18, state_entry)
+    _put(out, 19, ent)
+    _put(out, 20, ids)
+    _put(out, 21, bits)
+    _put(out, 22, trie_subtree)
+    _put(out, 23, token_bytes)
+    _put(out, 24, token_offsets)
+    _put(out, 25, token_code)
+    _put(out, 26, states)
+    _put(out, 27, seen)
+    out[84] = replacements
+
+
+def _pack_bound(bound: tuple) -> np.ndarray:
+    """int64[3 * _PACK_SLOTS]: per slot (data address, shape[0], shape[1]) of an array, or (value, 0, 0).
+
+    Unboxing an array argument reads its Python object, shape and dtype: with about thirty arrays
+    and the CPU caches cold (right after the model wrote its logits) that cost about 3 µs a check,
+    as much as the kernel's own work. One packed array costs one unboxing; :func:`_check_bound`
+    rebuilds the views from it. The kernel trusts these addresses, so :func:`_pack_into` is
+    compiled for exactly :data:`_BOUND_TYPES` and nothing else (an array of another dtype, rank or
+    layout raises TypeError), and the caller keeps ``bound`` alive as long as the pack is used. The
+    chart may replace its arrays at any time (when it grows); the kernel compares the count of
+    replacements packed here with meta[4] (meta itself is never replaced) before it reads anything else.
+    """
+    out = np.zeros(3 * _PACK_SLOTS, np.int64)
+    _pack_into(out, *bound)
+    return out
+
+
+@intrinsic
+def _array_at(typingctx, address, shape, dtype):
+    """A C-contiguous array view of ``shape`` (an int, or a pair for 2-D) over memory at ``address``.
+
+    The view owns nothing (no meminfo, no parent), as the kernels' arguments need nothing else when
+    they run without reference counting."""
+    ndim = 1 if isinstance(shape, types.Integer) else len(shape)
+    aryty = types.Array(dtype.instance_type, ndim, "C")
+
+    def codegen(context, builder, signature, args):
+        addr, shp, _ = args
+        intp = context.get_value_type(types.intp)
+        dims = [shp] if ndim == 1 else cgutils.unpack_tuple(builder, shp)
+        itemsize = intp(context.get_abi_sizeof(context.get_data_type(aryty.dtype)))
+        strides = [itemsize] if ndim == 1 else [builder.mul(dims[1], itemsize), itemsize]
+        ary = make_array(aryty)(context, builder)
+        data = builder.inttoptr(addr, context.get_value_type(types.CPointer(aryty.dtype)))
+        populate_array(ary, data=data, shape=cgutils.pack_array(builder, dims),
+                       strides=cgutils.pack_array(builder, strides), itemsize=itemsize, meminfo=None)
+        return ary._getvalue()
+
+    return aryty(address, shape, dtype), codegen
+
+
+@numba.njit(**_KERNEL)
+def _check_bound(b, toks, start):
+    """:func:`_check_tokens` on the arrays packed into ``b`` by :func:`_pack_bound`, or -(4 + _STALE)
+    if the chart's arrays were replaced since they were packed (or nothing was packed yet)."""
+    if b[48] == 0 or _array_at(b[48], b[49], np.int64)[4] != b[84]:
+        return -(4 + _STALE)
+    G = (_array_at(b[0], b[1], np.int32), _array_at(b[3], b[4], np.uint8), _array_at(b[6], b[7], np.int32),
+         _array_at(b[9], b[10], np.uint8), _array_at(b[12], b[13], np.int32), _array_at(b[15], b[16], np.int32),
+         _array_at(b[18], b[19], np.int32), _array_at(b[21], b[22], np.int32), _array_at(b[24], b[25], np.int32),
+         np.int32(b[27]))
+    return _check_tokens(
+        G, _array_at(b[30], b[31], np.uint8), _array_at(b[33], b[34], np.int32), _array_at(b[36], b[37], np.int32),
+        _array_at(b[39], b[40], np.int32), _array_at(b[42], b[43], np.int64), _array_at(b[45], b[46], np.int64),
+        _array_at(b[48], b[49], np.int64), b[51], _array_at(b[54], b[55], np.int32),
+        _array_at(b[57], (b[58], b[59]), np.int32), _array_at(b[60], b[61], np.int32),
+        _array_at(b[63], (b[64], b[65]), np.uint32), _array_at(b[66], b[67], np.int32),
+        _array_at(b[69], b[70], np.uint8), _array_at(b[72], b[73], np.int64), _array_at(b[75], b[76], np.int32),
+        _array_at(b[78], b[79], np.int32), _array_at(b[81], b[82], np.int64), toks, start)
+
+
+def _check_entry_points() -> tuple:
+    """:func:`_check_bound` compiled for a tuple of one token and of two, as plain callables; and
+    :func:`_pack_into` compiled for :data:`_BOUND_TYPES` only.
+
+    Calling a compiled overload directly skips the dispatcher's typing of the arguments, a few µs
+    when the CPU caches are cold. The argument types never change (the pack is always an int64
+    array), so they are compiled (or loaded from numba's cache) once per process.
+    """
+    pack = _array_type(types.int64)
+    _pack_into.compile((pack, *_BOUND_TYPES))
+    _pack_into.disable_compile()
+    return tuple(_check_bound.compile((pack, types.UniTuple(types.int64, k), types.int64)) for k in (1, 2))
 
 
 @numba.njit(**_KERNEL)

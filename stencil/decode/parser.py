@@ -125,9 +125,11 @@ def _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_item
 def init_chart(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items):
     """Row 0: the root rule predicted at byte 0.
 
-    ``meta`` = [n_rows, hash generation, last status, rewinds]; rewinds counts the times the row count
-    went back (rollback, reset), so a kernel that remembers a result computed from rows behind the
-    last one knows whether those rows may have been rewritten since.
+    ``meta`` = [n_rows, hash generation, last status, rewinds, replacements]; rewinds counts the times
+    the row count went back (rollback, reset), so a kernel that remembers a result computed from rows
+    behind the last one knows whether those rows may have been rewritten since; replacements counts
+    the times the chart's arrays were replaced (see ``Recognizer.chart``), so a kernel handed their
+    addresses once knows whether they still hold the chart.
     """
     rule_start = G[0]
     root = G[9]
@@ -265,7 +267,7 @@ class Recognizer:
         self._row_ptr = np.zeros(256, np.int32)
         self._ht_key = np.zeros(64, np.int64)
         self._ht_gen = np.zeros(64, np.int64)
-        self._meta = np.zeros(4, np.int64)
+        self._meta = np.zeros(5, np.int64)
         self._new_chart()
         self.reset()
 
@@ -387,6 +389,7 @@ class Recognizer:
         # Callers that bind the arrays once (the matcher's direct kernel calls) compare this tuple
         # by identity to know their binding still holds the chart's arrays.
         self.chart = (self._st, self._org, self._row_ptr, self._ht_key, self._ht_gen, self._meta)
+        self._meta[4] += 1
 
     def _check(self, r: int, at: int) -> None:
         if r == LIMIT:

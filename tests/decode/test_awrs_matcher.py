@@ -101,7 +101,7 @@ def test_try_tokens_rejects_bad_ids_and_keeps_state():
             m.try_tokens(bad)
         assert snapshot(m) == before
     assert m.try_tokens([]) == []
-    many = list(range(200)) * 2  # more than one kernel call's 63
+    many = list(range(200)) * 2  # more than one kernel call's 62
     assert m.try_tokens(many) == [m.try_token(t) for t in many]
 
 
@@ -165,3 +165,63 @@ def test_try_tokens_raises_the_parser_limit_and_keeps_state():
     assert snapshot(m) == before
     assert m.try_tokens([spelled[b"a"], spelled[b"b"]]) == [True, False]
     assert snapshot(m) == before
+
+
+def test_try_tokens_follows_the_cache_as_it_publishes_entries():
+    """The check kernel reads the cache's pools through the snapshot it bound. Another matcher's
+    masks, a few steps ahead on the same text, publish new entries (in place, or as grown copies of
+    the pools) while this matcher keeps checking: its verdicts must stay exact, from an outdated
+    snapshot (states it lacks are parsed) and after it rebinds. The oracle is the brute-force mask;
+    a fork (a fresh binding) must agree too. The test also proves that the pools grew under a bound
+    snapshot and that the matcher then rebound."""
+    c = compiler("gpt2")
+    cg = c.compile_builtin_json()
+    cache = cg.mask_cache
+    rng = random.Random(11)
+    words = (cg.vocab_size + 31) // 32
+    text = '{"a": [1, -2.5e3, {"b": "x\\n", "c": [true, false, null]}], "d": {"e": {"f": [[]], "g": {}}}}'
+    m = GrammarMatcher(cg)
+    ahead = m.fork()
+    ahead_pos = 0
+    grew = rebound = 0
+    for pos in range(len(text)):
+        oracle = m.brute_force_mask()
+        ids = batch_for(m, oracle, rng)
+        pairs = list(zip(ids[::2], ids[1::2]))
+        want = [[bool(oracle[t]) for t in p] for p in pairs]
+        assert m.try_tokens(pairs[0]) == want[0]
+        bound = m._check[0]
+        while ahead_pos < min(pos + 4, len(text)):  # the other matcher fills masks a few bytes ahead
+            assert ahead.accept_string(text[ahead_pos])
+            ahead_pos += 1
+            ahead.fill_next_token_bitmask(np.zeros((1, words), np.int32))
+        grown = any(a is not b for a, b in zip(bound, cache.pools))
+        assert [m.try_tokens(p) for p in pairs[1:]] == want[1:]
+        assert m.fork().try_tokens(ids) == [bool(oracle[t]) for t in ids]
+        assert m.accept_string(text[pos])
+        if grown:  # the next check reaches states only the grown pools have: it must rebind
+            grew += 1
+            assert m.try_tokens(pairs[0]) == [bool(x) for x in m.brute_force_mask()[list(pairs[0])]]
+            rebound += m._check[0] is cache.pools
+    assert grew > 0 and rebound > 0
+
+
+def test_pack_checks_the_kernel_layout():
+    """The check kernel trusts the packed addresses, so an argument that does not match the layout
+    (wrong dtype, rank, contiguity, a read-only array, or a missing one) must be refused before it
+    is packed."""
+    from stencil.decode.matcher import _pack_bound
+
+    m = GrammarMatcher(compiler("gpt2").compile_regex(REGEX))
+    m.try_tokens([0, 1])  # binds
+    bound = m._check[1]
+    st_index = next(i for i, a in enumerate(bound) if a is m._rec._st)
+    packed = _pack_bound(bound)
+    assert packed[3 * (st_index + 9)] == m._rec._st.ctypes.data  # the grammar tuple takes ten slots
+    readonly = bound[st_index].copy()
+    readonly.flags.writeable = False
+    for wrong in (bound[st_index].astype(np.int64), bound[st_index][::2], bound[st_index].reshape(1, -1), readonly):
+        with pytest.raises(TypeError):
+            _pack_bound(bound[:st_index] + (wrong,) + bound[st_index + 1:])
+    with pytest.raises(TypeError):
+        _pack_bound(bound[:-1])
