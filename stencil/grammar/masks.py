@@ -1215,15 +1215,20 @@ def _popcount(m):
     return np.int64(((m * np.uint32(0x01010101)) >> np.uint32(24)) & np.uint32(0xFF))
 
 
+# Bit index of a power of two below 2**32 from the top five bits of its product with a de Bruijn sequence.
+_DEBRUIJN = np.array([0, 1, 28, 2, 29, 14, 24, 3, 30, 22, 20, 15, 25, 17, 4, 8, 31, 27, 13, 23, 21, 19, 16, 7, 26, 12,
+                      18, 6, 11, 5, 10, 9], np.int64)
+
+
 @numba.njit(**_KERNEL, inline="always")
 def _put_bits(out, k, w, m):
     """Write the ids of the set bits of word ``w`` (value ``m``) into ``out[k:]`` in increasing order; the new k."""
-    one = np.uint32(1)
+    m = np.uint64(m)
     while m != 0:
-        low = m & (~m + one)
-        out[k] = w * 32 + _popcount(low - one)
+        low = m & (~m + np.uint64(1))
+        out[k] = w * 32 + _DEBRUIJN[((low * np.uint64(0x077CB531)) & np.uint64(0xFFFFFFFF)) >> np.uint64(27)]
         k += 1
-        m &= m - one
+        m ^= low
     return k
 
 
@@ -1343,8 +1348,7 @@ def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node
             keep = modes[j] == ACC_LIST
             for w in range(band_bits.shape[1]):
                 k = _put_bits(out_acc, k, w, words[w] if keep else band_bits[b, w] & ~words[w])
-            for i in range(lo, lo + n):
-                words[acc[i] >> 5] = 0
+            words[:band_bits.shape[1]] = 0
         n_rec, n_ae = counts[j, 1], counts[j, 2]
         r, pl = ptr[j, 1], node_lo[b] + b
         out_rec[r:r + n_rec] = rec_node[node_lo[b]:node_lo[b] + n_rec]
