@@ -935,8 +935,9 @@ def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, cl
     closed set is searched (:func:`_absorption`) and taken when it absorbs at least as much; then
     every boundary member of the set gets the same answer in the memo (the set is closed from
     each of them too), so a counter's positions, or the contents of a key after its first
-    character, cost one search. Returns 0 (nothing), 1 (ASCII only) or 2 (ASCII and
-    every multi-byte character).
+    character, cost one search. Returns (kind, n): kind 0 (nothing), 1 (ASCII only) or 2 (ASCII
+    and every multi-byte character); the configurations known to share the answer are ``pair_*
+    [:n]`` (frames in rows ``scratch + 1 + p`` of ``stk``) until the next search overwrites them.
     """
     width = memo_key.shape[1]
     if sl <= width - 4:
@@ -944,7 +945,7 @@ def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, cl
         if hit:
             ascii_out[0] = memo_val[slot, 0]
             ascii_out[1] = memo_val[slot, 1]
-            return np.int64(memo_val[slot, 2])
+            return np.int64(memo_val[slot, 2]), 0
     some, multi = _self_loops(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
                               pair_sl, ascii_out)
     kind = 0 if not some else (2 if multi else 1)
@@ -969,32 +970,42 @@ def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, cl
         pair_top[0] = x
         pair_sl[0] = sl
         _copy_frames(stk, sen, d, scratch + 1, sl)
+    _memo_store(G, K, memo_key, memo_val, stamp, anchor, stk, scratch + 1, pair_top, pair_sl, pair_u[:, 0], n,
+                ascii_out[0], ascii_out[1], kind)
+    return np.int64(kind), n
+
+
+@numba.njit(**_KERNEL)
+def _memo_store(G, K, memo_key, memo_val, stamp, anchor, stk, base, tops, sls, us, n, a0, a1, kind):
+    """Give the boundary configurations ``p < n`` (``us[p] == 0``; top ``tops[p]``, frames in row
+    ``base + p`` of ``stk``) the absorption answer (a0, a1, kind) in the memo, unless they have one."""
+    width = memo_key.shape[1]
     for p in range(n):
-        if pair_u[p, 0] != 0 or pair_sl[p] > width - 4:
+        if us[p] != 0 or sls[p] > width - 4:
             continue
-        slot, hit = _memo_find(G, K, memo_key, stamp, pair_top[p], anchor, stk, scratch + 1 + p, pair_sl[p])
+        slot, hit = _memo_find(G, K, memo_key, stamp, tops[p], anchor, stk, base + p, sls[p])
         if hit or slot < 0:
             continue
-        memo_key[slot, 0] = _class_of(G, K, pair_top[p])
+        memo_key[slot, 0] = _class_of(G, K, tops[p])
         memo_key[slot, 1] = anchor
-        memo_key[slot, 2] = pair_sl[p]
-        for k in range(pair_sl[p]):
-            memo_key[slot, 3 + k] = _class_of(G, K, stk[scratch + 1 + p, k])
+        memo_key[slot, 2] = sls[p]
+        for k in range(sls[p]):
+            memo_key[slot, 3 + k] = _class_of(G, K, stk[base + p, k])
         memo_key[slot, width - 1] = stamp
-        memo_val[slot, 0] = ascii_out[0]
-        memo_val[slot, 1] = ascii_out[1]
+        memo_val[slot, 0] = a0
+        memo_val[slot, 1] = a1
         memo_val[slot, 2] = np.uint64(kind)
-    return np.int64(kind)
 
 
 @numba.njit(**_KERNEL, inline="always")
-def _bulk_ok(sub_bytes, utf8_ok, i, a0, a1, kind):
-    """Can the subtree at node i be accepted whole under a configuration absorbing (a0, a1, kind)?"""
+def _bulk_ok(sub_bytes, utf8_valid, i, a0, a1, kind, u):
+    """Can the subtree at node i be accepted whole under a configuration absorbing (a0, a1, kind),
+    its strings read from UTF-8 state u?"""
     if (sub_bytes[i, 0] & ~a0) != 0 or (sub_bytes[i, 1] & ~a1) != 0:
         return False
-    if (sub_bytes[i, 2] | sub_bytes[i, 3]) == 0:
+    if u == 0 and (sub_bytes[i, 2] | sub_bytes[i, 3]) == 0:
         return True
-    return kind == 2 and utf8_ok[i]
+    return kind == 2 and (utf8_valid[i] >> np.uint8(u)) & np.uint8(1) != 0
 
 
 @numba.njit(**_KERNEL)
@@ -1021,9 +1032,10 @@ def _enter(state_final, flags, st, org, row, begin, end):
 
 @numba.njit(**_KERNEL)
 def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
-                     trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
-                     anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, pair_u,
-                     pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr, rec_ae, out):
+                     trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
+                     anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u,
+                     pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, share, share_ascii, share_top, share_sl,
+                     share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out):
     """Classify the text tokens of trie nodes ``node_lo+1 .. node_hi-1`` (one trie; ``node_lo`` is its root)
     from a sub-chart seeded with (s, 0); see the module docstring.
 
@@ -1034,10 +1046,12 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
     return states ``stk[d, :stk_len[d]]`` with ``sen`` = all of them can end empty; the ``anchor``
     origin of the bottom item; the ``entry`` depth whose materialized row it grew from), the path
     byte, whether the seed rule can end after that many bytes, the end positions on the path, and
-    which characters take the depth's configuration back to itself (``absorb``: 0 none, 1 ASCII
-    bytes ``absorb_ascii[d]``, 2 those and every multi-byte character): a child subtree made only
-    of those is accepted whole (:func:`_bulk_ok`). Rows past the depths of ``stk`` are scratch.
-    ``out`` gets (n_acc, n_rec, n_ae, visited). Returns 1, AE_FULL (``rec_ae`` too small), or GROW /
+    which characters the depth's configuration absorbs (``absorb``: 0 none, 1 ASCII bytes
+    ``absorb_ascii[d]``, 2 those and every multi-byte character; strings read from UTF-8 state
+    ``absorb_u[d]``): a child subtree made only of those is accepted whole (:func:`_bulk_ok`). Rows past the depths of ``stk`` are scratch.
+    ``share = (kind, horizon, n)``, ``share_ascii``, ``share_*``: a closed-set answer for the root
+    found by a band of a longer horizon and its n boundary members (frames in ``share_stk``), used
+    instead of searching again when kind > 0; a search here that finds one fills them in. ``out`` gets (n_acc, n_rec, n_ae, visited). Returns 1, AE_FULL (``rec_ae`` too small), or GROW /
     LIMIT from the sub-chart; only 1 leaves a usable result.
     """
     state_final = G[3]
@@ -1057,10 +1071,37 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
     endk[0] = False  # an end before the first byte is the callers' business (module docstring)
     scratch = top.shape[0]
     absorb[0] = 0
+    absorb_u[0] = 0
     if node_hi - node_lo > _BULK_MIN:
-        absorb[0] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, 0, s, 0, 0, node_hi - node_lo > _CLOSED_MIN,
-                                     scratch, pair_u, pair_top,
-                                     pair_sl, sets, memo_key, memo_val, memo_stamp, absorb_ascii[0])
+        horizon = K[3]
+        if share[0] > 0 and horizon <= share[1]:
+            # Closed under the classes of a longer horizon: every string of the set up to that
+            # length stays alive, so up to this band's length too, from the root and from every
+            # member (and from any configuration of this band's class as a member's).
+            absorb[0] = share[0]
+            absorb_ascii[0, 0] = share_ascii[0]
+            absorb_ascii[0, 1] = share_ascii[1]
+            _memo_store(G, K, memo_key, memo_val, memo_stamp, 0, share_stk, 0, share_top, share_sl, share_u, share[2],
+                        share_ascii[0], share_ascii[1], share[0])
+        else:
+            closed = node_hi - node_lo > _CLOSED_MIN
+            kind, n = _absorption_memo(G, K, first, end_null, utf8, stk, sen, 0, s, 0, 0, closed, scratch, pair_u,
+                                       pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, absorb_ascii[0])
+            absorb[0] = kind
+            if closed and kind > 0 and share[0] == 0:
+                m = 0
+                for p in range(n):
+                    if pair_u[p, 0] == 0:
+                        share_top[m] = pair_top[p]
+                        share_sl[m] = pair_sl[p]
+                        for k in range(pair_sl[p]):
+                            share_stk[m, k] = stk[scratch + 1 + p, k]
+                        m += 1
+                share[0] = kind
+                share[1] = horizon
+                share[2] = m
+                share_ascii[0] = absorb_ascii[0, 0]
+                share_ascii[1] = absorb_ascii[0, 1]
     ae_cnt[0] = 0
     n_acc = 0
     n_rec = 0
@@ -1074,7 +1115,8 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
         pathb[d] = b
         visited += 1
         k0 = absorb[d - 1]
-        if k0 != 0 and _bulk_ok(sub_bytes, utf8_ok, i, absorb_ascii[d - 1, 0], absorb_ascii[d - 1, 1], k0):
+        if k0 != 0 and _bulk_ok(sub_bytes, utf8_valid, i, absorb_ascii[d - 1, 0], absorb_ascii[d - 1, 1], k0,
+                                absorb_u[d - 1]):
             for k in range(trie_tok_ptr[i], trie_tok_ptr[i + trie_subtree[i]]):
                 acc[n_acc] = trie_tok_ids[k]
                 n_acc += 1
@@ -1155,11 +1197,23 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
             continue
         ae_cnt[d] = cnt
         absorb[d] = 0
-        if top[d] >= 0 and trie_subtree[i] > _BULK_MIN:
+        absorb_u[d] = 0
+        u = absorb_u[d - 1]
+        nu = utf8[u, b]
+        if k0 != 0 and nu >= 0 and ((b < 128 and _bit(absorb_ascii[d - 1, 0], absorb_ascii[d - 1, 1], b)) or
+                                    (b >= 128 and k0 == 2)):
+            # The parent keeps every string of its characters alive (read from UTF-8 state u, up
+            # to the band's longest token); b starts one of them, so this node keeps alive what
+            # may follow b (from UTF-8 state nu): no test needed, however small the subtree, and
+            # multi-byte characters do not end the bulk acceptance.
+            absorb[d] = k0
+            absorb_ascii[d, 0] = absorb_ascii[d - 1, 0]
+            absorb_ascii[d, 1] = absorb_ascii[d - 1, 1]
+            absorb_u[d] = nu
+        elif top[d] >= 0 and trie_subtree[i] > _BULK_MIN:
             absorb[d] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], False,
-                                         scratch,
-                                         pair_u, pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp,
-                                         absorb_ascii[d])
+                                         scratch, pair_u, pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp,
+                                         absorb_ascii[d])[0]
         for k in range(trie_tok_ptr[i], trie_tok_ptr[i + 1]):
             acc[n_acc] = trie_tok_ids[k]
             n_acc += 1
@@ -1174,29 +1228,43 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
 @numba.njit(**_KERNEL)
 def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, cls_dist, cls_number, cls_mark,
                     cls_queue, cls_meta, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte, trie_depth, trie_subtree,
-                    trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr, ht_key, ht_gen, meta,
+                    trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta,
                     max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb,
-                    absorb_ascii, pair_u, pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, acc, rec_node, rec_ae_ptr,
-                    rec_ae, out):
+                    absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, share, share_ascii,
+                    share_top, share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out):
     """:func:`_classify_kernel` for each band in ``bands``, in one call.
 
     Band b writes its accepted ids at ``acc[tok_lo[b]:]``, its records at ``rec_node[node_lo[b]:]``
-    and ``rec_ae_ptr[node_lo[b] + b:]``, its end positions after the previous band's in ``rec_ae``;
-    ``out[j]`` gets (n_acc, n_rec, n_ae, visited) of ``bands[j]``, with n_acc = -1 when that band's
-    sub-chart hit the item limit. ``classes[b]`` caches the horizon classes of band b's horizon
-    (:func:`_class_of`, with the ``cls_*`` scratch). Returns 1, or AE_FULL / GROW (call again after growing).
+    and ``rec_ae_ptr[node_lo[b] + b:]``, its end positions at ``rec_ae[out[j, 4]:]``; ``out[j]``
+    gets (n_acc, n_rec, n_ae, visited, end positions offset) of ``bands[j]``, with n_acc = -1 when
+    that band's sub-chart hit the item limit. ``share*`` is scratch for :func:`_classify_kernel`. ``classes[b]`` caches the horizon classes of band b's horizon
+    (:func:`_class_of`, with the ``cls_*`` scratch). Bands run from the longest horizon down, so
+    one closed-set search at the root serves every band of a shorter horizon. Returns 1, or
+    AE_FULL / GROW (call again after growing).
     """
+    share[0] = 0
+    share[1] = 0
+    share[2] = 0
+    share_u[:] = 0
     ae_off = 0
-    for j in range(bands.shape[0]):
+    done = np.int64(0)
+    for _ in range(bands.shape[0]):
+        j = -1
+        for jj in range(bands.shape[0]):
+            if (done >> jj) & 1 == 0 and (j < 0 or horizons[bands[jj]] > horizons[bands[j]]):
+                j = jj
+        done |= np.int64(1) << j
         b = bands[j]
+        out[j, 4] = ae_off
         K = (minlen, rule_end, classes[b], horizons[b], cls_dist, cls_number, cls_mark, cls_queue, cls_meta, reps, bcls,
              bmask)
         status = _classify_kernel(G, K, flags, first, end_null, s, node_lo[b], node_hi[b], trie_byte, trie_depth,
-                                  trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_ok, utf8, st, org, row_ptr,
+                                  trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr,
                                   ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk,
-                                  ae_cnt, ae_stack, absorb, absorb_ascii, pair_u, pair_top, pair_sl, sets, memo_key, memo_val,
-                                  memo_stamp * 16 + j, acc[tok_lo[b]:], rec_node[node_lo[b]:], rec_ae_ptr[node_lo[b] + b:],
-                                  rec_ae[ae_off:], out[j])
+                                  ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, memo_key, memo_val,
+                                  memo_stamp * 16 + j, share, share_ascii, share_top, share_sl, share_u, share_stk,
+                                  acc[tok_lo[b]:], rec_node[node_lo[b]:], rec_ae_ptr[node_lo[b] + b:], rec_ae[ae_off:],
+                                  out[j])
         if status == LIMIT:
             out[j, 0] = -1
         elif status != 1:
@@ -1300,8 +1368,8 @@ def _merge_accepted(parts, ids, band_bits, text_bits, n_text):
 def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node, rec_ae_ptr, rec_ae, words):
     """The band entries of one :func:`_classify_bands` call, from its scratch buffers into four flat arrays.
 
-    Per band ``bands[j]`` (``counts[j] = (n_acc, n_rec, n_ae, visited)``, n_acc = -1 after the item
-    limit): its accepted set as sorted ids, itself (ACC_LIST) or the band's other tokens
+    Per band ``bands[j]`` (``counts[j] = (n_acc, n_rec, n_ae, visited, offset of its end positions
+    in rec_ae)``, n_acc = -1 after the item limit): its accepted set as sorted ids, itself (ACC_LIST) or the band's other tokens
     (ACC_COMPLEMENT), whichever is shorter; its records and end positions. Returns ``(modes,
     ptr[j] = (acc, rec, rec_ae_ptr, rec_ae) offsets into the four arrays, accepted, records,
     record pointers, end positions)``. A band past the item limit gets the conservative entry:
@@ -1329,7 +1397,6 @@ def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node
     out_rap = np.zeros(ptr[nb, 2], np.int32)
     out_ae = np.empty(ptr[nb, 3], np.uint16)
     one = np.uint32(1)
-    ae_off = 0
     for j in range(nb):
         b = bands[j]
         n = counts[j, 0]
@@ -1353,8 +1420,7 @@ def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node
         r, pl = ptr[j, 1], node_lo[b] + b
         out_rec[r:r + n_rec] = rec_node[node_lo[b]:node_lo[b] + n_rec]
         out_rap[ptr[j, 2]:ptr[j, 2] + n_rec + 1] = rec_ae_ptr[pl:pl + n_rec + 1]
-        out_ae[ptr[j, 3]:ptr[j, 3] + n_ae] = rec_ae[ae_off:ae_off + n_ae]
-        ae_off += n_ae
+        out_ae[ptr[j, 3]:ptr[j, 3] + n_ae] = rec_ae[counts[j, 4]:counts[j, 4] + n_ae]
     return modes, ptr, out_acc, out_rec, out_rap, out_ae
 
 
@@ -1439,8 +1505,8 @@ UTF8 = _utf8_table()
 
 @numba.njit(cache=True, nogil=True)
 def _subtree_sets(trie_byte, trie_subtree, utf8):
-    """Per node: the bytes on it and below (``uint64[n, 4]``), and whether every path from it,
-    read from a character boundary, is valid UTF-8 (ending mid-character allowed)."""
+    """Per node: the bytes on it and below (``uint64[n, 4]``), and the UTF-8 states u (bit u of a
+    uint8) from which every path from it reads as valid UTF-8 (ending mid-character allowed)."""
     n = trie_byte.shape[0]
     sub = np.zeros((n, 4), np.uint64)
     valid = np.zeros(n, np.uint16)  # bit u: every path from this node is valid when read in UTF-8 state u
@@ -1462,10 +1528,7 @@ def _subtree_sets(trie_byte, trie_subtree, utf8):
             if nu >= 0 and (kids >> np.uint16(nu)) & np.uint16(1):
                 v |= np.uint16(1) << np.uint16(u)
         valid[i] = v
-    ok = np.empty(n, np.bool_)
-    for i in range(n):
-        ok[i] = (valid[i] & np.uint16(1)) != 0
-    return sub, ok
+    return sub, valid.astype(np.uint8)
 
 
 class Forest:
@@ -1508,7 +1571,7 @@ class Forest:
         words = (info.vocab_size + 31) // 32
         self.band_bits = np.stack([_id_bits(self.trie_tok_ids[a:b], words) for a, b in zip(self.band_tok_lo, self.band_tok_hi)])
         self.horizons = np.array([hi for _, hi in self.bands], np.int64)
-        self.sub_bytes, self.utf8_ok = _subtree_sets(self.trie_byte, self.trie_subtree, UTF8)
+        self.sub_bytes, self.utf8_valid = _subtree_sets(self.trie_byte, self.trie_subtree, UTF8)
 
 
 @dataclass
@@ -1590,11 +1653,17 @@ class _Scratch:
         self.ae_stack = np.zeros(depth, np.uint16)
         self.absorb = np.zeros(depth, np.int64)
         self.absorb_ascii = np.zeros((depth, 2), np.uint64)
+        self.absorb_u = np.zeros(depth, np.int64)
         self.pair_u = np.zeros((_PAIRS, 4), np.int64)
         self.pair_top, self.pair_sl = (np.zeros(_PAIRS, np.int64) for _ in range(2))
         self.sets = np.zeros((_PAIRS, 6), np.uint64)
         self.memo_key = np.full((1024, 8), -1, np.int64)  # column 7: the classification that wrote the slot
         self.memo_val = np.zeros((1024, 3), np.uint64)
+        # A root closed-set answer shared between the bands of one call (see _classify_kernel).
+        self.share = np.zeros(3, np.int64)
+        self.share_ascii = np.zeros(2, np.uint64)
+        self.share_top, self.share_sl, self.share_u = (np.zeros(_PAIRS, np.int64) for _ in range(3))
+        self.share_stk = np.zeros((_PAIRS, STACK_MAX + 1), np.int32)
         self.stamp = 0
         self.acc = np.empty(int(forest.band_tok_hi[-1]), np.int32)  # band b at band_tok_lo[b]
         self.rec_node = np.empty(int(forest.node_hi[-1]), np.int32)  # band b at node_lo[b]
@@ -1654,16 +1723,17 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
     sc = _scratch(forest, max_token_len)
     sc.rule_capacity(int((rule_end - G[0]).max(initial=1)))
     sc.stamp += 1  # a new owner stamp for the absorption memo
-    counts = np.zeros((bands.shape[0], 4), np.int64)
+    counts = np.zeros((bands.shape[0], 5), np.int64)
     while True:
         status = _classify_bands(
             G, minlen, rule_end, cls, reps, bcls, bmask, forest.horizons, sc.cls_dist, sc.cls_number, sc.cls_mark, sc.cls_queue,
             sc.cls_meta, flags, first, end_null, np.int32(s), bands, forest.node_lo, forest.node_hi, forest.band_tok_lo,
             forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids,
-            forest.sub_bytes, forest.utf8_ok, UTF8, sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta,
+            forest.sub_bytes, forest.utf8_valid, UTF8, sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta,
             max_items_per_row, sc.top, sc.anchor, sc.entry, sc.stk_len, sc.stk, sc.sen, sc.pathb, sc.endk, sc.ae_cnt,
-            sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.pair_u, sc.pair_top, sc.pair_sl, sc.sets, sc.memo_key, sc.memo_val,
-            sc.stamp, sc.acc, sc.rec_node, sc.rec_ae_ptr, sc.rec_ae, counts)
+            sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.absorb_u, sc.pair_u, sc.pair_top, sc.pair_sl, sc.sets, sc.memo_key, sc.memo_val,
+            sc.stamp, sc.share, sc.share_ascii, sc.share_top, sc.share_sl, sc.share_u, sc.share_stk, sc.acc, sc.rec_node,
+            sc.rec_ae_ptr, sc.rec_ae, counts)
         if status == AE_FULL:
             sc.rec_ae = np.empty(2 * sc.rec_ae.shape[0], np.uint16)
         elif status == GROW:
@@ -1682,7 +1752,7 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
     p = ptr.tolist()
     return [StateMasks(mode, acc[a0:a1], max(n_acc, 0), rec_node[r0:r1], rec_ae_ptr[q0:q1], rec_ae[e0:e1],
                        visited if n_acc >= 0 else 0, seconds)
-            for mode, (n_acc, _, _, visited), (a0, r0, q0, e0), (a1, r1, q1, e1)
+            for mode, (n_acc, _, _, visited, _), (a0, r0, q0, e0), (a1, r1, q1, e1)
             in zip(modes.tolist(), counts.tolist(), p, p[1:])]
 
 

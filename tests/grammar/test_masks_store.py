@@ -79,7 +79,7 @@ def test_packed_band_entries_are_the_walk_output(seed, kinds, limit):
     rec_node = np.zeros(int(forest.node_hi[-1]), np.int32)
     rec_ae_ptr = np.zeros(int(forest.node_hi[-1]) + nb, np.int32)
     rec_ae = np.zeros(4096, np.uint16)
-    counts = np.zeros((nb, 4), np.int64)
+    counts = np.zeros((nb, 5), np.int64)  # the fifth column: where the band's end positions start in rec_ae
     want = []
     ae_off = 0
     for j, b in enumerate(bands.tolist()):
@@ -93,12 +93,12 @@ def test_packed_band_entries_are_the_walk_output(seed, kinds, limit):
         rec_node[forest.node_lo[b]:forest.node_lo[b] + n_rec] = nodes
         rec_ae_ptr[forest.node_lo[b] + b:forest.node_lo[b] + b + n_rec + 1] = ptr
         if j == limit:  # this band's sub-chart hit the item limit
-            counts[j] = (-1, 0, 0, 0)
+            counts[j] = (-1, 0, 0, 0, 0)
             want.append(None)
             continue
         rec_ae[ae_off:ae_off + ends.shape[0]] = ends
+        counts[j] = (accepted.shape[0], n_rec, ends.shape[0], 7, ae_off)
         ae_off += ends.shape[0]
-        counts[j] = (accepted.shape[0], n_rec, ends.shape[0], 7)
         want.append((set(accepted.tolist()), nodes, ptr, ends))
     words = np.zeros(forest.token_node.shape[0] // 32 + 1, np.uint32)
     modes, p, out_acc, out_rec, out_rap, out_ae = _pack_bands(counts, bands, forest.node_lo, forest.band_tok_lo,
