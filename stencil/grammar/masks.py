@@ -712,6 +712,25 @@ def _or_class(sets, p, k, bmask, c, multi_byte):
         sets[p, k + 1] |= bmask[c, 1]
 
 
+_REPEATS = 3  # a character a closed set could add must survive this many repetitions (every band holds 4 bytes)
+_PROBE = np.array([0xC3, 0xA9], np.int64)  # one multi-byte character (U+00E9): all of them must survive too
+
+
+@numba.njit(**_KERNEL)
+def _survives_repeats(G, first, end_null, stk, sen, d, x, sl, anchor, scratch, seq):
+    """Could the configuration at depth d read ``seq`` _REPEATS times in a row? (True when unsure.)"""
+    tmp = scratch
+    _copy_frames(stk, sen, d, tmp, sl)
+    for _ in range(_REPEATS):
+        for b in seq:
+            status, x, sl = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
+            if status == _DEAD:
+                return False
+            if status == _COMPLEX:
+                return True
+    return True
+
+
 @numba.njit(**_KERNEL)
 def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl, sets,
                 ascii_out):
@@ -727,8 +746,9 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
     closed set covers automata that count (runs of hex digits) or track a word (a required or
     forbidden one): each character moves between members, none leaves.
 
-    The search starts from the ASCII bytes this configuration reads and all multi-byte
-    characters, one byte per class of :func:`byte_classes`. A breadth-first round collects S and,
+    The search starts from the ASCII bytes this configuration can read three times in a row, and
+    all multi-byte characters if it can read one such three times (:func:`_survives_repeats`), one
+    byte per class of :func:`byte_classes`. A breadth-first round collects S and,
     per member, the characters that lead into it and those it fails on (or that would outgrow
     the table); members below a character that led to a failure are not expanded further in the
     round. Then every character leading into a failing member is dropped (at the start: the
@@ -749,15 +769,15 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
     one = np.uint64(1)
     a0 = np.uint64(0)
     a1 = np.uint64(0)
-    for b in reps:  # one byte per class: the grammar reads the others alike
+    for k in range(reps.shape[0]):  # one byte per class: the grammar reads the others alike
+        b = reps[k]
         if b >= 128:
             break
-        _copy_frames(stk, sen, d, tmp, sl)
-        status, y, sl2 = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
-        if status == _SCANNED:
+        # Every string of the set keeps the configuration alive, so each of its characters repeated.
+        if _survives_repeats(G, first, end_null, stk, sen, d, x, sl, anchor, tmp, reps[k:k + 1]):
             a0 |= bmask[bcls[b], 0]
             a1 |= bmask[bcls[b], 1]
-    multi = True
+    multi = _survives_repeats(G, first, end_null, stk, sen, d, x, sl, anchor, tmp, _PROBE)
     budget = _ABSORB_STEPS
     for _ in range(_ABSORB_ROUNDS):
         if a0 == 0 and a1 == 0 and not multi:
@@ -893,6 +913,25 @@ def _memo_find(G, K, memo_key, stamp, x, anchor, stk, row, sl):
 
 
 @numba.njit(**_KERNEL)
+def _may_widen(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, kind, a0, a1):
+    """Could a closed set absorb more than the self-loop answer (kind, a0, a1)? Where that has every
+    multi-byte character, :func:`_widens`. Otherwise a character the set would add must keep the
+    configuration alive when repeated (every string of the set does): False when no ASCII byte
+    outside (a0, a1) and, unless kind is 2, no multi-byte character does, which spares structure
+    (after ``{``, whitespace loops and ``"``, ``}`` die when repeated) a search that cannot pay."""
+    if kind == 2:
+        return _widens(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, a0, a1)
+    reps = K[9]
+    for k in range(reps.shape[0]):
+        if reps[k] >= 128:
+            break
+        if not _bit(a0, a1, reps[k]) and _survives_repeats(G, first, end_null, stk, sen, d, x, sl, anchor, scratch,
+                                                           reps[k:k + 1]):
+            return True
+    return _survives_repeats(G, first, end_null, stk, sen, d, x, sl, anchor, scratch, _PROBE)
+
+
+@numba.njit(**_KERNEL)
 def _widens(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, a0, a1):
     """Could a closed set absorb more than the self-loop bytes (a0, a1)? True when some byte that
     x reads but does not loop on leads to a configuration that reads every looping byte (a
@@ -955,7 +994,7 @@ def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, cl
     l0 = ascii_out[0]
     l1 = ascii_out[1]
     n = 0
-    if closed and (kind != 2 or _widens(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, l0, l1)):
+    if closed and _may_widen(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, kind, l0, l1):
         kc, n = _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
                             pair_sl, sets, ascii_out)
         if kc >= kind and (ascii_out[0] & l0) == l0 and (ascii_out[1] & l1) == l1:

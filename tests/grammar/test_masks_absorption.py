@@ -11,7 +11,12 @@ names), found by a search over one byte per grammar byte class. These tests chec
   must avoid the listed properties, multi-byte characters in all of them), on every tokenizer;
 * the closed-set path does fire: classifying the first content state of an unanchored
   ``[0-9a-f]{12}`` search reads a small part of the vocabulary trie, where walking it would read
-  most of it (the count is exact, not a timing).
+  most of it (the count is exact, not a timing);
+* absorbed sets passed down the trie through ASCII and multi-byte characters keep masks exact on
+  random vocabularies of multi-byte text, partial and invalid UTF-8 (hypothesis), and a plain
+  string's walk reads exactly the nodes a DFA of the string bounds it to;
+* one kernel call over all bands (the root's closed set found once, for the longest horizon)
+  gives the same entries as one call per band.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ import random
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stencil.decode.matcher import GrammarMatcher
 from stencil.decode.parser import grammar_arrays
 from stencil.grammar.compiler import bind
-from stencil.grammar.masks import _UTF8_CUTS, MaskCache, byte_classes, grammar_sets
+from stencil.grammar.ir import Grammar, GrammarBuilder, Repeat, alt, chars, lit, plus, seq, star
+from stencil.grammar.masks import _UTF8_CUTS, UTF8, MaskCache, byte_classes, classify_state, grammar_sets
+from stencil.grammar.vocab import TokenizerInfo
 from tests.conftest import TOKENIZERS
 from tests.decode.test_masks import check_state, compiler, random_grammars, tokenizer, walk_and_check
 
@@ -112,3 +120,152 @@ def test_closed_set_absorbs_a_counting_run():
         entries = cache.state_masks(s)
         visited = sum(e.visited for e in entries)
         assert visited < 0.25 * forest.trie_byte.shape[0], (s, visited, forest.trie_byte.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Absorbed sets passed down the trie (through multi-byte characters) and shared between bands
+# ----------------------------------------------------------------------------------------------
+
+# Characters of the random vocabularies below: ASCII structure and text, 2-, 3- and 4-byte
+# characters, and lone lead / continuation bytes, so tokens end mid-character or are invalid UTF-8.
+PIECES = [b"a", b"k", b"e", b"y", b" ", b'"', b"\\", b"\n", b"0", "\u00e9".encode(), "\u4e2d".encode(),
+          "\U0001f600".encode(), b"\xc3", b"\xa9", b"\xe4\xb8"]
+TEXT = ((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x10FFFF))  # JSON string characters but the escapes
+
+
+@st.composite
+def text_vocabularies(draw) -> TokenizerInfo:
+    """A few hundred tokens of 1-16 bytes over PIECES, so the tries pass the bulk-acceptance threshold."""
+    words = draw(st.lists(st.lists(st.sampled_from(PIECES), min_size=2, max_size=7).map(b"".join), min_size=150,
+                          max_size=300, unique=True))
+    vocab = list(dict.fromkeys(PIECES + [w for w in words if len(w) <= 16])) + [b"<stop>"]
+    return TokenizerInfo(vocab, "raw", stop_token_ids=[len(vocab) - 1])
+
+
+def _char(exclude: str = ""):
+    ranges = []
+    for lo, hi in TEXT:
+        for c in sorted(ord(x) for x in exclude):
+            if lo <= c <= hi:
+                if lo < c:
+                    ranges.append((lo, c - 1))
+                lo = c + 1
+        if lo <= hi:
+            ranges.append((lo, hi))
+    return alt(chars(*ranges), lit("\\\\"), lit('\\"'))
+
+
+def text_grammar(kind: str, bound: int) -> Grammar:
+    """A quoted string of Unicode text: free, of at most ``bound`` characters, or any text but "key"
+    (its prefixes tracked, as JSON Schema does for the keys of an object), then an optional newline."""
+    if kind == "free":
+        body = star(_char())
+    elif kind == "bounded":
+        body = Repeat(_char(), 0, bound)
+    else:
+        body = plus(_char())  # longer than the word
+        for c in reversed("key"):
+            body = alt(seq(), seq(_char(c), star(_char())), seq(lit(c), body))
+    b = GrammarBuilder()
+    b.rule("root", seq(lit('"'), body, lit('"'), Repeat(lit("\n"), 0, 1)))
+    return b.build("root")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(info=text_vocabularies(), kind=st.sampled_from(["free", "bounded", "not-key"]), bound=st.integers(1, 12),
+       data=st.data())
+def test_text_states_on_multi_byte_vocabularies(info, kind, bound, data):
+    """Masks equal brute force along random walks through strings of multi-byte text, where
+    absorbed sets pass through ASCII and multi-byte characters down the trie."""
+    m = GrammarMatcher(bind(text_grammar(kind, bound), info))
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    for _ in range(8):
+        oracle = check_state(m, rng, True)
+        allowed = np.flatnonzero(oracle)
+        if allowed.size == 0 or m.is_terminated():
+            break
+        assert m.accept_token(int(data.draw(st.sampled_from(allowed.tolist()))))
+
+
+def _entries(cache: MaskCache, s: int, bands: list[int]):
+    info = cache.info
+    out = classify_state(cache.G, cache.flags, s, cache.forest, bands, info.max_token_len, (cache.first, cache.end_null),
+                         (cache._classes[0], cache._classes[1], np.zeros_like(cache._classes[2])) + cache._classes[3:])
+    return [(e.acc_mode, e.acc.tolist(), e.rec_node.tolist(), e.rec_ae_ptr.tolist(), e.rec_ae.tolist()) for e in out]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3"])
+@pytest.mark.parametrize("schema", ["keys", "hex-run", "bounded"])
+def test_bands_in_one_call_equal_bands_alone(name, schema):
+    """One kernel call over every band (the root's closed-set answer found for the longest horizon
+    serves the shorter ones; end positions laid out per band) gives the entries of one call per band."""
+    info = tokenizer(name)
+    cache = MaskCache(bind(schema_grammar(schema), info))
+    m = GrammarMatcher(bind(schema_grammar(schema), info))
+    assert m.accept_bytes(b'{"' if schema == "keys" else b'"')
+    n = int(m._rec._meta[0])  # rows in the chart: the current one ends at row_ptr[n]
+    row = m._rec._st[m._rec._row_ptr[n - 1]:m._rec._row_ptr[n]]
+    states = sorted({int(s) for s in row if cache.flags[s] != 0})
+    assert states
+    n_bands = len(cache.forest.bands)
+    for s in states:
+        together = _entries(cache, s, list(range(n_bands)))
+        alone = [_entries(cache, s, [b])[0] for b in range(n_bands)]
+        assert together == alone
+
+
+def _string_dfa(state: tuple[str, int], b: int) -> tuple[str, int] | None:
+    """The free string grammar after its opening quote, as a DFA over bytes (None: dead)."""
+    kind, u = state
+    if kind == "text" and u != 0:
+        nu = int(UTF8[u, b])
+        return ("text", nu) if nu >= 0 else None
+    if kind == "text":
+        if b == ord('"'):
+            return ("closed", 0)
+        if b == ord("\\"):
+            return ("escape", 0)
+        if 0x20 <= b < 0x80:
+            return ("text", 0)
+        nu = int(UTF8[0, b])
+        return ("text", nu) if nu > 0 else None
+    if kind == "escape":
+        return ("text", 0) if b in (ord("\\"), ord('"')) else None
+    if kind == "closed":
+        return ("end", 0) if b == ord("\n") else None
+    return None
+
+
+def test_string_walk_visits_only_paths_to_structure():
+    """In a plain JSON string the walk reads only the children of live nodes on paths to tokens
+    holding a quote, a backslash, a control byte or invalid UTF-8 (and below escapes, where no
+    absorbed set passes): everything else is accepted in bulk, also after multi-byte characters.
+    The bound is exact, from the trie and the grammar's DFA."""
+    info = tokenizer("llama3")
+    g = text_grammar("free", 0)
+    cache = MaskCache(bind(g, info))
+    m = GrammarMatcher(bind(g, info))
+    assert m.accept_bytes(b'"')
+    row = m._rec._st[m._rec._row_ptr[1]:m._rec._row_ptr[2]]
+    (s,) = {int(x) for x in row if cache.flags[x] != 0}
+    forest = cache.forest
+    text = np.zeros(256, bool)
+    text[0x20:] = True
+    text[[ord('"'), ord("\\")]] = False
+    bits = np.unpackbits(forest.sub_bytes.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    text_only = ~(bits & ~text).any(1)
+    bound = 0
+    for b in range(len(forest.bands)):
+        stack = []  # (DFA state after the node, a backslash on the path, the node accepted in bulk)
+        for i in range(int(forest.node_lo[b]) + 1, int(forest.node_hi[b])):
+            del stack[forest.trie_depth[i] - 1:]
+            parent_state, escaped, parent_bulk = stack[-1] if stack else (("text", 0), False, False)
+            read = parent_state is not None and (escaped or not parent_bulk)
+            bound += read
+            # Accepted in bulk: text below a text position, valid UTF-8 from the position's UTF-8 state.
+            bulk = (parent_state is not None and parent_state[0] == "text" and text_only[i]
+                    and (forest.utf8_valid[i] >> parent_state[1]) & 1 != 0)
+            state = _string_dfa(parent_state, int(forest.trie_byte[i])) if parent_state is not None else None
+            stack.append((state, escaped or forest.trie_byte[i] == ord("\\"), bulk))
+    visited = sum(e.visited for e in cache.state_masks(s))
+    assert visited <= bound, (visited, bound)
