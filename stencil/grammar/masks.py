@@ -415,8 +415,8 @@ def _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, row, targets, n_targets
 
 STACK_MAX = 16  # frames a stack-mode configuration may hold (more: replay with Earley)
 _BULK_MIN = 48  # smaller subtrees are walked node by node: testing a configuration for loops costs more
-_PAIRS = 128  # configurations (boundary and mid-character) an absorption search may hold
-_ABSORB_STEPS = 4000  # stack steps one absorption search may spend (then: none found)
+_PAIRS = 512  # configurations (boundary and mid-character) an absorption search may hold (a power of two)
+_ABSORB_STEPS = 20000  # stack steps one absorption search may spend (then: none found)
 _ABSORB_ROUNDS = 6  # rounds of dropping characters before the search gives up
 _CLOSED_MIN = 8192  # smaller tries are walked for less than a closed-set search costs
 _EPS_MAX = 64  # ε-moves (calls, returns, nullable skips) resolved for one byte before giving up
@@ -733,7 +733,7 @@ def _survives_repeats(G, first, end_null, stk, sen, d, x, sl, anchor, scratch, s
 
 @numba.njit(**_KERNEL)
 def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top, pair_sl, sets,
-                ascii_out):
+                slots, ascii_out):
     """A set of characters under which the configuration at depth d stays alive, whatever it reads.
 
     Searches for ASCII bytes A (and possibly every multi-byte UTF-8 character) such that the
@@ -760,7 +760,8 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
     multi-byte character); the members of S are ``pair_* [:n]`` (frames in rows ``scratch + 1 +
     p`` of ``stk``; ``pair_u[p] = (UTF-8 state, BFS parent, entry byte or -1 inside a multi-byte
     character, hash)``). ``sets`` (``uint64[_PAIRS, 6]``) is scratch: per member, the characters
-    leading into it and those it fails on (two ASCII words and a multi-byte flag each).
+    leading into it and those it fails on (two ASCII words and a multi-byte flag each); ``slots``
+    (a power of two, at least twice ``_PAIRS``) finds members by hash.
     """
     reps, bcls, bmask = K[9], K[10], K[11]
     tmp = scratch
@@ -791,6 +792,8 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
         pair_sl[0] = sl
         _copy_frames(stk, sen, d, base, sl)
         sets[0, :] = 0
+        slots[:] = -1  # members by hash (open addressing)
+        slots[pair_u[0, 3] & (slots.shape[0] - 1)] = 0
         e0 = np.uint64(0)  # characters found failing so far this round (entry bytes on the BFS tree)
         e1 = np.uint64(0)
         em = False
@@ -823,13 +826,17 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
                 status, y, sl2 = _stack_step(G, first, end_null, pair_top[p], stk, sen, tmp, pair_sl[p], anchor, b)
                 if status == _SCANNED:
                     h = _cfg_hash(G, K, nu, y, stk, tmp, sl2)
-                    q = 0
-                    while q < n:
-                        if (pair_u[q, 3] == h and pair_u[q, 0] == nu and pair_sl[q] == sl2
-                                and _same_state(G, K, pair_top[q], y) and _same_frames(G, K, stk, tmp, base + q, sl2)):
+                    slot = h & (slots.shape[0] - 1)
+                    q = n
+                    while slots[slot] >= 0:
+                        r = slots[slot]
+                        if (pair_u[r, 3] == h and pair_u[r, 0] == nu and pair_sl[r] == sl2
+                                and _same_state(G, K, pair_top[r], y) and _same_frames(G, K, stk, tmp, base + r, sl2)):
+                            q = r
                             break
-                        q += 1
+                        slot = (slot + 1) & (slots.shape[0] - 1)
                     if q == n and n < cap:
+                        slots[slot] = n
                         pair_u[n, 0] = nu
                         pair_u[n, 1] = p
                         pair_u[n, 2] = b if not mb else -1
@@ -966,7 +973,7 @@ def _widens(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, a0, a1):
 
 @numba.njit(**_KERNEL)
 def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, closed, scratch, pair_u, pair_top,
-                     pair_sl, sets, memo_key, memo_val, stamp, ascii_out):
+                     pair_sl, sets, slots, memo_key, memo_val, stamp, ascii_out):
     """Absorbed characters of the configuration at depth d, through a memo keyed by its classes (<= 4 frames).
 
     The self-loop test (:func:`_self_loops`, cheap to reject structure) answers first. With
@@ -996,7 +1003,7 @@ def _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, cl
     n = 0
     if closed and _may_widen(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, kind, l0, l1):
         kc, n = _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch, pair_u, pair_top,
-                            pair_sl, sets, ascii_out)
+                            pair_sl, sets, slots, ascii_out)
         if kc >= kind and (ascii_out[0] & l0) == l0 and (ascii_out[1] & l1) == l1:
             kind = kc
         else:
@@ -1073,8 +1080,8 @@ def _enter(state_final, flags, st, org, row, begin, end):
 def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
                      trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
                      anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u,
-                     pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, share, share_ascii, share_top, share_sl,
-                     share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out):
+                     pair_top, pair_sl, sets, slots, memo_key, memo_val, memo_stamp, share, share_ascii, share_top,
+                     share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out):
     """Classify the text tokens of trie nodes ``node_lo+1 .. node_hi-1`` (one trie; ``node_lo`` is its root)
     from a sub-chart seeded with (s, 0); see the module docstring.
 
@@ -1125,7 +1132,7 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
         else:
             closed = node_hi - node_lo > _CLOSED_MIN
             kind, n = _absorption_memo(G, K, first, end_null, utf8, stk, sen, 0, s, 0, 0, closed, scratch, pair_u,
-                                       pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, absorb_ascii[0])
+                                       pair_top, pair_sl, sets, slots, memo_key, memo_val, memo_stamp, absorb_ascii[0])
             absorb[0] = kind
             if closed and kind > 0 and share[0] == 0:
                 m = 0
@@ -1251,8 +1258,8 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
             absorb_u[d] = nu
         elif top[d] >= 0 and trie_subtree[i] > _BULK_MIN:
             absorb[d] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], False,
-                                         scratch, pair_u, pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp,
-                                         absorb_ascii[d])[0]
+                                         scratch, pair_u, pair_top, pair_sl, sets, slots, memo_key, memo_val,
+                                         memo_stamp, absorb_ascii[d])[0]
         for k in range(trie_tok_ptr[i], trie_tok_ptr[i + 1]):
             acc[n_acc] = trie_tok_ids[k]
             n_acc += 1
@@ -1269,7 +1276,8 @@ def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, c
                     cls_queue, cls_meta, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte, trie_depth, trie_subtree,
                     trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta,
                     max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb,
-                    absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, memo_key, memo_val, memo_stamp, share, share_ascii,
+                    absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, slots, memo_key, memo_val, memo_stamp, share,
+                    share_ascii,
                     share_top, share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out):
     """:func:`_classify_kernel` for each band in ``bands``, in one call.
 
@@ -1300,7 +1308,8 @@ def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, c
         status = _classify_kernel(G, K, flags, first, end_null, s, node_lo[b], node_hi[b], trie_byte, trie_depth,
                                   trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr,
                                   ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk,
-                                  ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, memo_key, memo_val,
+                                  ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, slots,
+                                  memo_key, memo_val,
                                   memo_stamp * 16 + j, share, share_ascii, share_top, share_sl, share_u, share_stk,
                                   acc[tok_lo[b]:], rec_node[node_lo[b]:], rec_ae_ptr[node_lo[b] + b:], rec_ae[ae_off:],
                                   out[j])
@@ -1696,6 +1705,7 @@ class _Scratch:
         self.pair_u = np.zeros((_PAIRS, 4), np.int64)
         self.pair_top, self.pair_sl = (np.zeros(_PAIRS, np.int64) for _ in range(2))
         self.sets = np.zeros((_PAIRS, 6), np.uint64)
+        self.slots = np.full(4 * _PAIRS, -1, np.int64)
         self.memo_key = np.full((1024, 8), -1, np.int64)  # column 7: the classification that wrote the slot
         self.memo_val = np.zeros((1024, 3), np.uint64)
         # A root closed-set answer shared between the bands of one call (see _classify_kernel).
@@ -1770,7 +1780,7 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
             forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids,
             forest.sub_bytes, forest.utf8_valid, UTF8, sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta,
             max_items_per_row, sc.top, sc.anchor, sc.entry, sc.stk_len, sc.stk, sc.sen, sc.pathb, sc.endk, sc.ae_cnt,
-            sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.absorb_u, sc.pair_u, sc.pair_top, sc.pair_sl, sc.sets, sc.memo_key, sc.memo_val,
+            sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.absorb_u, sc.pair_u, sc.pair_top, sc.pair_sl, sc.sets, sc.slots, sc.memo_key, sc.memo_val,
             sc.stamp, sc.share, sc.share_ascii, sc.share_top, sc.share_sl, sc.share_u, sc.share_stk, sc.acc, sc.rec_node,
             sc.rec_ae_ptr, sc.rec_ae, counts)
         if status == AE_FULL:
