@@ -1,0 +1,84 @@
+"""Mask step cost by kind: steps whose cache entries all exist, and steps that classified new states.
+
+Replays one valid instance of each of a sample of MaskBench dev records (the sampling of
+``bench/masks.py``) in-process and measures each step's thread CPU time (accept + fill, as the
+benchmark times them). Steps are split into those that reuse every cache entry, those that only
+registered a state under an existing key combination, and those that classified states, by the
+largest number of trie nodes a classification walk visited.
+
+    python bench/mask_steps.py --n 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from masks import SHARED, load_records  # noqa: E402
+from peers import load_hf_tokenizer  # noqa: E402
+
+import stencil as st  # noqa: E402
+from stencil.errors import StencilError  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", default="llama3")
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    tok_dir = SHARED / "tokenizers" / args.tokenizer
+    hf = load_hf_tokenizer(tok_dir)
+    info = st.TokenizerInfo.from_file(tok_dir)
+    compiler = st.GrammarCompiler(info, warm_up=False)
+    bitmask = st.allocate_token_bitmask(1, info.vocab_size)
+    rows = []  # (cpu s, states registered, states classified, walk s, most nodes visited)
+    records = load_records(args.n, args.seed)
+    for i, rec in enumerate(records):
+        print(f"\r[{i + 1}/{len(records)}]", end="", file=sys.stderr, flush=True)
+        ids = hf.encode(json.dumps(rec["instances"][0]), add_special_tokens=False)
+        try:
+            cg = compiler.compile_json_schema(rec["schema"])
+        except StencilError:
+            continue
+        m = st.GrammarMatcher(cg)
+        m.fill_next_token_bitmask(bitmask, 0)
+        cache = cg.mask_cache
+        for t in ids:
+            before = dict(cache.computed)
+            n_before = cache.n_computed
+            c0 = time.thread_time()
+            ok = m.accept_token(t)
+            m.fill_next_token_bitmask(bitmask, 0)
+            c1 = time.thread_time()
+            new = [v for s, v in cache.computed.items() if s not in before]
+            rows.append((c1 - c0, cache.n_computed - n_before, len(new), sum(v[0] for v in new),
+                         max([v[1] for v in new] or [0])))
+            if not ok:
+                break
+    print(file=sys.stderr)
+    a = np.array(rows)
+    cpu = a[:, 0] * 1e3
+    print(f"{len(a)} steps, CPU ms: p50 {np.percentile(cpu, 50):.4f}  p90 {np.percentile(cpu, 90):.3f}  "
+          f"p99 {np.percentile(cpu, 99):.3f}  max {cpu.max():.2f}")
+    kinds = [("every entry reused", a[:, 1] == 0),
+             ("registered under an existing key combination", (a[:, 1] > 0) & (a[:, 2] == 0))]
+    for lo, hi in ((0, 1000), (1000, 3000), (3000, 20000), (20000, None)):
+        sel = (a[:, 2] > 0) & (a[:, 4] >= lo) & (a[:, 4] < (hi or np.inf))
+        kinds.append((f"classified, walk visited {lo}-{hi or ''} trie nodes", sel))
+    for name, sel in kinds:
+        if sel.any():
+            p = np.percentile(cpu[sel], [25, 50, 75, 90])
+            print(f"  {name}: {sel.sum()} steps, p25/p50/p75/p90 " + " / ".join(f"{x:.4f}" for x in p))
+
+
+if __name__ == "__main__":
+    main()
