@@ -35,7 +35,7 @@ from stencil.decode.parser import (
     LIMIT,
     Recognizer,
     _add,
-    _closure,
+    _close_row,
     _full,
     _row_cap,
     advance,
@@ -703,12 +703,7 @@ def _completion_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, rule, 
                 if new < 0:
                     return _full(end, begin, max_items)
                 end = new
-    end = _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_items)
-    if end < 0:
-        return end
-    row_ptr[row + 1] = end
-    meta[0] = row + 1
-    return end
+    return _close_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, row, begin, end, gen)
 
 
 @numba.njit(**_KERNEL)
@@ -727,12 +722,7 @@ def _seed_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, s, origin):
     end = _add(st, org, ht_key, ht_gen, gen, begin, cap, s, origin)
     if end < 0:
         return _full(begin, begin, max_items)
-    end = _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_items)
-    if end < 0:
-        return end
-    row_ptr[row + 1] = end
-    meta[0] = row + 1
-    return end
+    return _close_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, row, begin, end, gen)
 
 
 @numba.njit(**_KERNEL)

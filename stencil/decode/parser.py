@@ -121,6 +121,17 @@ def _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_item
     return end
 
 
+@numba.njit(**_KERNEL, inline="always")
+def _close_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, row, begin, end, gen):
+    """Close row ``row`` (items begin..end) and make it the chart's last; its end, or GROW / LIMIT."""
+    end = _closure(G, st, org, row_ptr, row, begin, end, ht_key, ht_gen, gen, max_items)
+    if end < 0:
+        return end
+    row_ptr[row + 1] = end
+    meta[0] = row + 1
+    return end
+
+
 @numba.njit(**_KERNEL)
 def init_chart(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items):
     """Row 0: the root rule predicted at byte 0.
@@ -137,12 +148,7 @@ def init_chart(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items):
     gen = meta[1]
     row_ptr[0] = 0
     end = _add(st, org, ht_key, ht_gen, gen, 0, 1, rule_start[root], 0)
-    end = _closure(G, st, org, row_ptr, 0, 0, end, ht_key, ht_gen, gen, max_items)
-    if end < 0:
-        return end
-    row_ptr[1] = end
-    meta[0] = 1
-    return end
+    return _close_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, 0, 0, end, gen)
 
 
 @numba.njit(**_KERNEL)
@@ -174,12 +180,8 @@ def advance(G, st, org, row_ptr, ht_key, ht_gen, meta, sym, max_items):
                 break
     if end == begin:
         return 0
-    end = _closure(G, st, org, row_ptr, n, begin, end, ht_key, ht_gen, gen, max_items)
-    if end < 0:
-        return end
-    row_ptr[n + 1] = end
-    meta[0] = n + 1
-    return end - begin
+    end = _close_row(G, st, org, row_ptr, ht_key, ht_gen, meta, max_items, n, begin, end, gen)
+    return end if end < 0 else end - begin
 
 
 @numba.njit(**_KERNEL)
