@@ -159,6 +159,8 @@ def main() -> None:
                     help="untimed pause after each step, as a model's forward pass (default 0: back to back)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
+    if args.model_ms < 0:
+        ap.error(f"--model-ms must be 0 or more, not {args.model_ms:g}")
 
     tok_dir = SHARED / "tokenizers" / args.tokenizer
     meta = json.loads((tok_dir / "meta.json").read_text())
