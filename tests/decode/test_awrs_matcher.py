@@ -96,9 +96,16 @@ def test_try_tokens_rejects_bad_ids_and_keeps_state():
     assert m.accept_string("ye")
     before = snapshot(m)
     vocab = m.compiled.vocab_size
-    for bad in ([vocab], [-1], [0, vocab + 5]):
+    huge = 1 << 70  # does not fit in int64: still a StencilError, not numpy's or numba's OverflowError
+    for bad in ([vocab], [-1], [0, vocab + 5], [vocab + 5, 0], [huge, 0], [0, -huge], [0, 1, huge],
+                [np.uint64(2**64 - 1), 0]):
         with pytest.raises(StencilError, match="outside the vocabulary"):
             m.try_tokens(bad)
+        if len(bad) <= 2:
+            with pytest.raises(StencilError, match="outside the vocabulary"):
+                m.try_token(bad[0] if bad[0] != 0 else bad[1])
+        with pytest.raises(StencilError, match="outside the vocabulary"):
+            m.accept_token(bad[-1] if bad[-1] != 0 else bad[0])
         assert snapshot(m) == before
     assert m.try_tokens([]) == []
     many = list(range(200)) * 2  # more than one kernel call's 62
