@@ -14,8 +14,8 @@ process's maximum RSS.
     python bench/masks.py --n 30 --model-ms 20      # 20 ms of simulated forward pass between steps
 
 By default the steps run back to back, which leaves no time for work an engine does between masks
-(Stencil's background warm-up). ``--model-ms`` sleeps that long after each step, untimed and for
-every engine alike, as a decode loop waits for the model's forward pass.
+(Stencil's background warm-up). ``--model-ms`` sleeps that long after the first mask and after each
+step, untimed and for every engine alike, as a decode loop waits for the model's forward pass.
 
 Writes ``bench/results/masks-<tokenizer>.json`` (raw numbers) and ``masks-<tokenizer>-cdf.png``.
 """
@@ -77,6 +77,8 @@ def worker(engine: str, tok_dir: str, vocab_size: int, model_s: float, conn) -> 
                 if k:
                     m = adapter.compile_json_schema(job["schema"])  # warm: compile caches may answer
                     adapter.fill(m, bitmask)
+                if model_s:
+                    time.sleep(model_s)  # the forward pass that the first mask goes with, as every later one
                 for t in ids:
                     t1 = time.perf_counter()
                     ok = adapter.accept(m, t)
@@ -156,7 +158,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-instances", type=int, default=2, help="valid instances replayed per schema")
     ap.add_argument("--model-ms", type=float, default=0.0,
-                    help="untimed pause after each step, as a model's forward pass (default 0: back to back)")
+                    help="untimed pause after the first mask and each step, as a model's forward pass "
+                         "(default 0: back to back)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
     if args.model_ms < 0:

@@ -113,6 +113,7 @@ class GrammarMatcher:
         self._cache = compiled.mask_cache
         self._vocab_size = compiled.vocab_size
         self._rec = Recognizer(compiled.grammar, max_items_per_row=max_items_per_row)
+        self._cache.track(self._rec)
         self._history: list[int] = []  # symbols consumed per accepted token (-1: a stop token)
         self._terminated = False
         self._unbind()
@@ -154,6 +155,7 @@ class GrammarMatcher:
         other._cache = self._cache
         other._vocab_size = self._vocab_size
         other._rec = self._rec.fork()
+        other._cache.track(other._rec)
         other._history = list(self._history)
         other._terminated = self._terminated
         other._unbind()

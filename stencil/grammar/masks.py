@@ -1647,21 +1647,30 @@ class StateMasks:
 
 
 @numba.njit(cache=True, nogil=True)
-def _bfs_states(G):
-    """States in BFS order from the root's start, entering a called rule at its start (int32)."""
+def _bfs(G, seeds, n_seeds, pick, limit, out):
+    """Breadth-first from ``seeds[:n_seeds]`` (in that order) over the grammar's states, entering a
+    called rule at its start and going on at the call's return state: the states with ``pick[s]``
+    in that order into ``out``, at most ``limit``. Returns how many. Seeds out of range are skipped."""
     rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
     ns = state_rule.shape[0]
     seen = np.zeros(ns, np.bool_)
     rule_seen = np.zeros(rule_start.shape[0], np.bool_)
-    order = np.empty(ns, np.int32)
-    order[0] = rule_start[root]
-    seen[rule_start[root]] = True
-    rule_seen[root] = True
-    n = 1
+    queue = np.empty(ns, np.int32)
+    n = 0
+    for k in range(n_seeds):
+        q = seeds[k]
+        if 0 <= q < ns and not seen[q]:
+            seen[q] = True
+            queue[n] = q
+            n += 1
     i = 0
-    while i < n:
-        s = order[i]
+    m = 0
+    while i < n and m < limit:
+        s = queue[i]
         i += 1
+        if pick[s]:
+            out[m] = s
+            m += 1
         for e in range(edge_ptr[s], edge_ptr[s + 1]):
             r = edge_rule[e]
             if r >= 0 and not rule_seen[r]:
@@ -1669,14 +1678,85 @@ def _bfs_states(G):
                 q = rule_start[r]
                 if not seen[q]:
                     seen[q] = True
-                    order[n] = q
+                    queue[n] = q
                     n += 1
             t = edge_target[e]
             if not seen[t]:
                 seen[t] = True
-                order[n] = t
+                queue[n] = t
                 n += 1
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
+def _bfs_states(G):
+    """States in BFS order from the root's start, entering a called rule at its start (int32)."""
+    ns = G[2].shape[0]
+    order = np.empty(ns, np.int32)
+    n = _bfs(G, np.array([G[0][G[9]]], np.int32), 1, np.ones(ns, np.bool_), ns, order)
     return order[:n].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _frontier(G, flags, state_entry, st, org, row_ptr, meta, limit):
+    """Up to ``limit`` lookup states (``flags`` nonzero) without an entry, nearest first, from where
+    a decoder's chart stands.
+
+    Seeds are the states of the chart's last row, then the return states of the calls that its
+    items' rules will return to (found in their origin rows, and theirs, up to eight levels), so
+    the search goes on past the end of the rule being matched. The chart may be changing under this
+    call (the decoder runs beside the worker): everything read is range-checked, and a wrong seed
+    costs only the order of the warm-up, never an entry's content.
+    """
+    state_rule, edge_ptr, edge_rule, edge_target = G[2], G[4], G[7], G[8]
+    ns = state_rule.shape[0]
+    out = np.empty(max(limit, 0), np.int32)
+    n0 = meta[0]
+    if n0 < 1 or n0 >= row_ptr.shape[0]:
+        return out[:0]
+    a, b = row_ptr[n0 - 1], row_ptr[n0]
+    if not 0 <= a <= b <= st.shape[0] or b - a > 4096:
+        return out[:0]
+    seeds = np.empty(4 * (b - a) + 64, np.int32)
+    n = 0
+    # (state, origin) pairs whose callers to look up: the last row's items, then their callers'
+    pend_s = np.empty(seeds.shape[0], np.int32)
+    pend_o = np.empty(seeds.shape[0], np.int32)
+    n_pend = 0
+    for k in range(a, b):
+        s = st[k]
+        if 0 <= s < ns:
+            seeds[n] = s
+            n += 1
+            if org[k] < n0 - 1 and n_pend < pend_s.shape[0]:
+                pend_s[n_pend] = s
+                pend_o[n_pend] = org[k]
+                n_pend += 1
+    done = 0
+    for _ in range(8):  # levels of callers
+        stop = n_pend
+        while done < stop and n < seeds.shape[0]:
+            r, o = state_rule[pend_s[done]], pend_o[done]
+            done += 1
+            if not 0 <= o < n0 - 1:
+                continue
+            c0, c1 = row_ptr[o], row_ptr[o + 1]
+            if not 0 <= c0 <= c1 <= st.shape[0]:
+                continue
+            for k in range(c0, min(c1, c0 + 4096)):
+                p = st[k]
+                if not 0 <= p < ns:
+                    continue
+                for e in range(edge_ptr[p], edge_ptr[p + 1]):
+                    if edge_rule[e] == r and n < seeds.shape[0]:
+                        seeds[n] = edge_target[e]
+                        n += 1
+                        if org[k] <= o and n_pend < pend_s.shape[0]:  # its own callers: row org[k]
+                            pend_s[n_pend] = p
+                            pend_o[n_pend] = org[k]
+                            n_pend += 1
+    m = _bfs(G, seeds, n, (flags != 0) & (state_entry < 0), limit, out)
+    return out[:m]
 
 
 _SCRATCH = threading.local()
@@ -2235,6 +2315,9 @@ class MaskCache:
         # state -> (seconds of band walks run for it, trie nodes they visited): for profiling
         self.computed: dict[int, tuple[float, int]] = {}
         self._warm_thread_started = False
+        # The recognizers decoding with this cache (matchers register theirs with track): the background warm-up
+        # starts where they stand (see frontier).
+        self._charts: weakref.WeakSet = weakref.WeakSet()
 
     # -- entries ------------------------------------------------------------------------------
 
@@ -2242,6 +2325,26 @@ class MaskCache:
         """The states a mask may look up (those with an edge), in the order a decoder likely reaches them."""
         order = _bfs_states(self.G)
         return order[self.flags[order] != 0]
+
+    def track(self, recognizer) -> None:
+        """Let the background warm-up start from where ``recognizer`` (a decoder's chart) stands."""
+        self._charts.add(recognizer)
+
+    def frontier(self, limit: int = 8) -> list[int]:
+        """Up to ``limit`` states without an entry, nearest first to where the tracked decoders stand.
+
+        A decoder's next steps reach these states first; the warm-up computes them before it goes
+        on in BFS order from the root. Reads the charts without a lock (see :func:`_frontier`).
+        """
+        out: list[int] = []
+        for rec in list(self._charts)[:4]:
+            st, org, row_ptr, _, _, meta = rec.chart
+            for s in _frontier(self.G, self.flags, self.pools[0], st, org, row_ptr, meta, limit).tolist():
+                if s not in out:
+                    out.append(s)
+            if len(out) >= limit:
+                break
+        return out[:limit]
 
     def band_keys(self, s: int) -> tuple[bytes, ...]:
         """The cross-grammar keys of state s, one per band: what it reaches within the band's longest token."""
@@ -2386,7 +2489,9 @@ class compiling:
 
 
 class _Worker:
-    """One daemon thread that warms up queued mask caches, one state at a time, newest grammar first.
+    """One daemon thread that warms up queued mask caches, one state at a time, newest grammar first:
+    the states nearest to where its decoders stand (:meth:`MaskCache.frontier`), then the rest in
+    BFS order from the root.
 
     It works only while no grammar is being compiled and no decoder has asked for a mask for
     ``QUIET_SECONDS``: in a serving loop that is while the model runs, so the warm-up costs the
@@ -2429,7 +2534,8 @@ class _Worker:
                         if time.monotonic() - _LAST_DECODER_ACTIVITY[0] < QUIET_SECONDS or _COMPILES[0] > 0:
                             time.sleep(BACKOFF_SECONDS)  # long enough not to churn the GIL
                             continue
-                        cache.ensure((states.popleft(),))
+                        # Where the decoders stand first: their next steps need those states.
+                        cache.ensure(cache.frontier(1) or (states.popleft(),))
                 except Exception:  # noqa: BLE001 - warm-up is an optimization; the decoder recomputes and reports
                     states.clear()
                 del cache
