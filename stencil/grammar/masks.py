@@ -2527,6 +2527,8 @@ class _Worker:
                     continue
                 if states is None:
                     states = deque(cache.lookup_states().tolist())
+                near: list[int] = []  # the frontier, searched again whenever a decoder asked for a mask
+                stamp = None
                 try:
                     for _ in range(8):
                         if not states:
@@ -2535,7 +2537,10 @@ class _Worker:
                             time.sleep(BACKOFF_SECONDS)  # long enough not to churn the GIL
                             continue
                         # Where the decoders stand first: their next steps need those states.
-                        cache.ensure(cache.frontier(1) or (states.popleft(),))
+                        if stamp != _LAST_DECODER_ACTIVITY[0]:
+                            stamp = _LAST_DECODER_ACTIVITY[0]
+                            near = cache.frontier(8)
+                        cache.ensure((near.pop(0),) if near else (states.popleft(),))
                 except Exception:  # noqa: BLE001 - warm-up is an optimization; the decoder recomputes and reports
                     states.clear()
                 del cache
