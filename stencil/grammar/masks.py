@@ -41,7 +41,7 @@ Computing a state's entry
 -------------------------
 The vocabulary is split by token length into bands (:class:`Forest`), one trie per band; a band's
 classification depends only on what the state reaches within the band's longest token, which is the
-band's cross-grammar key (:func:`_horizon_structs`): positions of a counter (``char{0,255}``) far
+band's cross-grammar key (:func:`_state_key_bytes`): positions of a counter (``char{0,255}``) far
 enough from its bound share entries, and so do states of different grammars with equal horizons.
 
 :func:`classify_state` walks a band's trie once per state (all missing bands in one kernel call).
@@ -111,7 +111,18 @@ ACC_COMPLEMENT = 3  # sorted ids of the text tokens that are NOT accepted
 AE_FULL = -10  # _classify_kernel: the end-position buffer is full
 
 # Bump when the classification or the entry format changes: it is part of every cache key.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
+
+
+def _compiled(kernel, args: tuple):
+    """``kernel`` compiled for the types of ``args``, as a plain callable (``stencil.decode.matcher._overload``).
+
+    A first visit calls its kernels once each, so the dispatcher's typing of every argument (about
+    60 for the walk) is a fixed cost of every first visit; callers bind once and call directly.
+    """
+    from stencil.decode.matcher import _overload  # here, not at the top: the matcher imports this module
+
+    return _overload(kernel, args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,16 +287,35 @@ def byte_classes(G, utf8_cuts):
     return reps, cls, masks
 
 
+@numba.njit(**_KERNEL, inline="always")
+def _put_varint(buf, o, v):
+    """LEB128 of the non-negative v at ``buf[o:]``; the new o. Prefix-free, so fields need no separators."""
+    v = np.uint64(v)
+    while v >= np.uint64(128):
+        buf[o] = np.uint8((v & np.uint64(127)) | np.uint64(128))
+        o += 1
+        v >>= np.uint64(7)
+    buf[o] = np.uint8(v)
+    return o + 1
+
+
 @numba.njit(cache=True, nogil=True)
-def _horizon_structs(G, rule_minlen, s, s_end, horizons):
-    """Canonical serializations of what state s can reach within each of ``horizons`` bytes, inside its rule.
+def _structure(G, rule_minlen, s, s_end, horizons, rule_keys, rule_known, version, work, by_id):
+    """What state s can reach within each of ``horizons`` bytes, inside its rule, as bytes.
 
     A token walk from s reads at most ``horizon`` bytes, so states further away (in fewest bytes)
     cannot change its classification. States are numbered in BFS order from s; a byte edge that
     would be the (horizon+1)-th byte is dropped, a rule edge whose return lies beyond the horizon
-    keeps its callee but loses its target (-1). Special-token edges are dropped (text never reads
-    them). Callees are numbered by first appearance. Returns (serializations, their offsets per
-    horizon, callee rule ids, their offsets per horizon).
+    keeps its callee but loses its target. Special-token edges are dropped (text never reads them).
+    Callees are numbered by first appearance and followed by their keys (``rule_keys[r]``, 16
+    bytes, valid where ``rule_known[r]``). Per horizon: ``version``, the horizon, then per state its
+    final flag, its edges (byte edge: 0, lo, hi, target; rule edge: 1, callee number, target + 1 or
+    0) and 2, all LEB128 (:func:`_put_varint`), then the callees' keys: a self-delimiting encoding,
+    so equal bytes mean equal structures. With ``by_id``, each callee is its rule id (LEB128)
+    instead of its key: exact within one grammar, and never missing. Returns (buffer, length, m):
+    band k's bytes are ``buffer[work[k]:work[k + 1]]``; when m > 0, they are not valid and ``work[nh
+    + 1:nh + 1 + m]`` lists the rules whose key is missing (make them, call again). ``work``:
+    int64, ``nh + 1`` (+ ``n_rules`` without ``by_id``).
     """
     rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
     base = rule_start[state_rule[s]]
@@ -319,29 +349,33 @@ def _horizon_structs(G, rule_minlen, s, s_end, horizons):
                     stack[top] = t
                     top += 1
     nh = horizons.shape[0]
-    out = np.empty(nh * (1 + 2 * n + 4 * n_edges), np.int64)
-    out_ptr = np.zeros(nh + 1, np.int64)
-    callees = np.empty(nh * n_edges, np.int64)
-    callee_ptr = np.zeros(nh + 1, np.int64)
+    out = np.empty(4096, np.uint8)  # grown on demand: most states reach little within a horizon
+    work[0] = 0
+    callees = np.empty(max(n_edges, 1), np.int64)
+    n_missing = 0
     idx = np.empty(n, np.int64)
     queue = np.empty(n, np.int64)
     o = 0
-    nc = 0
     for h in range(nh):
         horizon = horizons[h]
         idx[:] = -1
         idx[s - base] = 0
         queue[0] = s
         n_queue = 1
-        c0 = nc  # this horizon's callees are callees[c0:nc], numbered by first appearance
-        out[o] = horizon
-        o += 1
+        nc = 0
+        o = _put_varint(out, o, version)
+        o = _put_varint(out, o, horizon)
         head = 0
         while head < n_queue:
             p = queue[head]
             head += 1
-            out[o] = state_final[p]
-            o += 1
+            # Room for this state: its flag and end (11 bytes), per edge a tag and three varints (31).
+            need = o + 11 + 31 * (edge_ptr[p + 1] - edge_ptr[p])
+            if need > out.shape[0]:
+                grown = np.empty(2 * need, np.uint8)
+                grown[:o] = out[:o]
+                out = grown
+            o = _put_varint(out, o, state_final[p])
             for e in range(edge_ptr[p], edge_ptr[p + 1]):
                 r = edge_rule[e]
                 t = edge_target[e]
@@ -355,18 +389,17 @@ def _horizon_structs(G, rule_minlen, s, s_end, horizons):
                         queue[n_queue] = t
                         n_queue += 1
                     out[o] = 0
-                    out[o + 1] = edge_lo[e]
-                    out[o + 2] = edge_hi[e]
-                    out[o + 3] = ti
-                    o += 4
+                    o = _put_varint(out, o + 1, edge_lo[e])
+                    o = _put_varint(out, o, edge_hi[e])
+                    o = _put_varint(out, o, ti)
                 else:
                     ci = -1
-                    for k in range(c0, nc):
+                    for k in range(nc):
                         if callees[k] == r:
-                            ci = k - c0
+                            ci = k
                             break
                     if ci < 0:
-                        ci = nc - c0
+                        ci = nc
                         callees[nc] = r
                         nc += 1
                     ti = -1
@@ -378,14 +411,118 @@ def _horizon_structs(G, rule_minlen, s, s_end, horizons):
                             queue[n_queue] = t
                             n_queue += 1
                     out[o] = 1
-                    out[o + 1] = ci
-                    out[o + 2] = ti
-                    o += 3
-            out[o] = -2  # end of this state's edges
+                    o = _put_varint(out, o + 1, ci)
+                    o = _put_varint(out, o, ti + 1)
+            out[o] = 2  # end of this state's edges
             o += 1
-        out_ptr[h + 1] = o
-        callee_ptr[h + 1] = nc
-    return out[:o], out_ptr, callees[:nc], callee_ptr
+        if o + 16 * nc + 20 > out.shape[0]:  # the keys, and the next band's version and horizon
+            grown = np.empty(2 * (o + 16 * nc + 20), np.uint8)
+            grown[:o] = out[:o]
+            out = grown
+        for k in range(nc):
+            r = callees[k]
+            if by_id:
+                o = _put_varint(out, o, r)
+            elif rule_known[r] != 0:
+                out[o:o + 16] = rule_keys[r]
+                o += 16
+            elif horizon == far:
+                # Every band's callees are among the farthest horizon's: list them from that one.
+                work[nh + 1 + n_missing] = r
+                n_missing += 1
+        work[h + 1] = o
+    return out, o, n_missing
+
+
+@numba.njit(cache=True, nogil=True)
+def _state_key_bytes(G, rule_minlen, s, s_end, horizons, rule_keys, rule_known, version, work):
+    """:func:`_structure` with the callees' keys, to hash into cross-grammar keys: (bytes, m)."""
+    out, o, n_missing = _structure(G, rule_minlen, s, s_end, horizons, rule_keys, rule_known, version, work, False)
+    return out[:o], n_missing
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _fnv(data, n):
+    h = np.uint64(0xCBF29CE484222325)
+    for i in range(n):
+        h = (h ^ np.uint64(data[i])) * np.uint64(0x100000001B3)
+    return np.int64(h >> np.uint64(1))
+
+
+@numba.njit(cache=True, nogil=True)
+def _known_states(G, rule_minlen, rule_end, follow, horizons, state_entry, slots, table, data, count, states, pending):
+    """Register the states whose structure the grammar has seen before; leave the others for the caller.
+
+    A state's entry is a function of its bands' structures and its rule's FOLLOW set, so equal
+    bytes of those mean the same entry, without computing cross-grammar keys. The farthest
+    horizon's structure (callees by rule id, :func:`_structure`) is enough: it holds every state
+    within that many bytes, and the fewest bytes to each (the shortest paths stay inside it, and a
+    callee's minimum length is its rule's), which is all a nearer horizon's structure is made of.
+    The table: ``slots`` (open addressing, -1 empty) hold rows of ``table``
+    (hash, offset, length, entry row or -1 while it is being made) whose bytes are in ``data``;
+    ``count`` = (rows, bytes) used. For each state of ``states`` without an entry: its entry is set
+    from the table, or it goes to ``states[:n]`` with its table row in ``pending[:n]`` (added with
+    entry -1 when new: the caller sets it once made). Returns n, or -1 when the table is full (grow
+    it and call again; states registered so far stay registered).
+    """
+    state_rule = G[2]
+    k = np.argmax(horizons)
+    far = horizons[k:k + 1]
+    no_keys = np.zeros((0, 16), np.uint8)
+    no_known = np.zeros(0, np.uint8)
+    work = np.empty(2, np.int64)
+    mask = slots.shape[0] - 1
+    n = 0
+    for i in range(states.shape[0]):
+        s = states[i]
+        if state_entry[s] >= 0:
+            continue
+        r = state_rule[s]
+        out, o, _ = _structure(G, rule_minlen, s, rule_end[r], far, no_keys, no_known, 0, work, True)
+        if o + 32 > out.shape[0]:
+            grown = np.empty(o + 32, np.uint8)
+            grown[:o] = out[:o]
+            out = grown
+        for w in range(4):  # the FOLLOW set resolves the entry's uncertain records
+            v = follow[r, w]
+            for k in range(8):
+                out[o] = np.uint8((v >> np.uint64(8 * k)) & np.uint64(255))
+                o += 1
+        h = _fnv(out, o)
+        slot = h & mask
+        e = -1
+        while slots[slot] >= 0:
+            q = slots[slot]
+            if table[q, 0] == h and table[q, 2] == o:
+                off = table[q, 1]
+                same = True
+                for k in range(o):
+                    if data[off + k] != out[k]:
+                        same = False
+                        break
+                if same:
+                    e = q
+                    break
+            slot = (slot + 1) & mask
+        if e >= 0 and table[e, 3] >= 0:
+            state_entry[s] = table[e, 3]
+            continue
+        if e < 0:
+            if count[0] >= table.shape[0] or 2 * (count[0] + 1) > slots.shape[0] or count[1] + o > data.shape[0]:
+                return -1
+            e = count[0]
+            table[e, 0] = h
+            table[e, 1] = count[1]
+            table[e, 2] = o
+            table[e, 3] = -1
+            data[count[1]:count[1] + o] = out[:o]
+            count[0] += 1
+            count[1] += o
+            slots[slot] = e
+        states[n] = s
+        pending[n] = e
+        n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +652,7 @@ def _class_of(G, K, s):
     ``K = (rule minimum lengths, rule ends, class cache, horizon, dist, number, mark, queue, meta,
     byte classes...)`` (the byte classes of :func:`byte_classes`, used by :func:`_absorption`).
     States of one grammar with equal classes behave identically on every string of at most
-    ``horizon`` bytes (the serialization is the one of :func:`_horizon_structs`, callees by rule
+    ``horizon`` bytes (the serialization is the one of :func:`_state_key_bytes`, callees by rule
     id), so a configuration that reads a character into an equivalent one loops as far as the
     band's tokens can tell. Computed on first use and cached (``class cache[s]``, 0 = not yet). A
     rule too large for the scratch gets classes of its own (no equivalence claimed).
@@ -560,7 +697,7 @@ def _class_of(G, K, s):
     queue[0] = s
     n = 1
     head = 0
-    while head < n:  # BFS numbering and serialization, as in _horizon_structs
+    while head < n:  # BFS numbering and serialization, as in _state_key_bytes
         p = queue[head]
         head += 1
         dp = dist[p - base]
@@ -1473,6 +1610,35 @@ def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node
 
 
 @numba.njit(cache=True, nogil=True)
+def _classify_and_pack(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, cls_dist, cls_number, cls_mark,
+                       cls_queue, cls_meta, flags, first, end_null, node_lo, node_hi, tok_lo, tok_hi, band_bits,
+                       trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8,
+                       st, org, row_ptr, ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen,
+                       pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets,
+                       slots, memo_key, memo_val, share, share_ascii, share_top, share_sl, share_u, share_stk, acc,
+                       rec_node, rec_ae_ptr, rec_ae, words, s, bands, memo_stamp, counts):
+    """:func:`_classify_bands` then, if it finished, :func:`_pack_bands`, in one call: (status, packed...).
+
+    The arguments that stay the same from one first visit to the next come first, so a caller
+    binds them once; the status is 1 or what :func:`_classify_bands` returned (the packed arrays
+    are then empty).
+    """
+    status = _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, cls_dist, cls_number, cls_mark,
+                             cls_queue, cls_meta, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte,
+                             trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st,
+                             org, row_ptr, ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen,
+                             pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl,
+                             sets, slots, memo_key, memo_val, memo_stamp, share, share_ascii, share_top, share_sl,
+                             share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, counts)
+    if status != 1:
+        z = np.zeros(0, np.int32)
+        return status, np.zeros(0, np.int64), np.zeros((1, 4), np.int64), z, z, z, np.zeros(0, np.uint16)
+    modes, ptr, out_acc, out_rec, out_rap, out_ae = _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits,
+                                                                acc, rec_node, rec_ae_ptr, rec_ae, words)
+    return status, modes, ptr, out_acc, out_rec, out_rap, out_ae
+
+
+@numba.njit(cache=True, nogil=True)
 def _resolve_records(rec_node, rec_ae_ptr, rec_ae, follow_row, trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets):
     """Keep the records whose subtrees stay uncertain under FOLLOW ``follow_row`` (uint64[4]).
 
@@ -1808,6 +1974,7 @@ class _Scratch:
         self.meta = np.zeros(3, np.int64)
         self.cls_meta = np.zeros(1, np.int64)
         self.cls_dist = self.cls_number = self.cls_mark = self.cls_queue = np.zeros(0, np.int64)
+        self._bound: tuple | None = None  # see bound()
 
     def rule_capacity(self, n: int) -> None:
         """Make the horizon-class scratch fit rules of ``n`` states."""
@@ -1816,6 +1983,41 @@ class _Scratch:
             self.cls_number = np.zeros(n, np.int64)
             self.cls_mark = np.zeros(n, np.int64)  # stamps from cls_meta, which only grows
             self.cls_queue = np.zeros(4 * n + 64, np.int64)
+
+    def bound(self, G, flags, sets, classes, forest: Forest, max_items: int, rebind: bool = False) -> tuple:
+        """:func:`_classify_and_pack` compiled for these arguments and the arguments it keeps: (kernel, arguments).
+
+        Kept for the last grammar this thread classified for (by identity: a grammar's cache passes
+        the same arrays every time), so a first visit neither gathers 65 arguments nor has the
+        dispatcher type them; gathered again after a scratch array was replaced (``rebind``).
+        """
+        b = self._bound
+        first, end_null = sets if sets is not None else (None, None)
+        if (not rebind and b is not None and b[0] is G and b[1] is flags and b[2] is first and b[3] is end_null
+                and b[4] is classes and b[5] == max_items):
+            return b[6], b[7]
+        if sets is None:
+            first, end_null = grammar_sets(G)[:2]
+        if classes is None:
+            n_states = G[2].shape[0]
+            classes = (min_lengths(G), np.append(G[0][1:], n_states).astype(np.int64),
+                       np.zeros((len(forest.bands), n_states), np.int64)) + byte_classes(G, _UTF8_CUTS)
+        minlen, rule_end, cls, reps, bcls, bmask = classes
+        self.rule_capacity(int((rule_end - G[0]).max(initial=1)))
+        args = (G, minlen, rule_end, cls, reps, bcls, bmask, forest.horizons, self.cls_dist, self.cls_number,
+                self.cls_mark, self.cls_queue, self.cls_meta, flags, first, end_null, forest.node_lo, forest.node_hi,
+                forest.band_tok_lo, forest.band_tok_hi, forest.band_bits, forest.trie_byte, forest.trie_depth,
+                forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids, forest.sub_bytes, forest.utf8_valid,
+                UTF8, self.st, self.org, self.row_ptr, self.ht_key, self.ht_gen, self.meta, int(max_items), self.top,
+                self.anchor, self.entry, self.stk_len, self.stk, self.sen, self.pathb, self.endk, self.ae_cnt,
+                self.ae_stack, self.absorb, self.absorb_ascii, self.absorb_u, self.pair_u, self.pair_top,
+                self.pair_sl, self.sets, self.slots, self.memo_key, self.memo_val, self.share, self.share_ascii,
+                self.share_top, self.share_sl, self.share_u, self.share_stk, self.acc, self.rec_node, self.rec_ae_ptr,
+                self.rec_ae, self.words)
+        f = _compiled(_classify_and_pack, (*args, np.int32(0), np.zeros(1, np.int64), 0, np.zeros((1, 5), np.int64)))
+        self._bound = (G, flags, first if sets is not None else None, end_null if sets is not None else None,
+                       classes, max_items, f, args)
+        return f, args
 
 
 def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
@@ -1842,42 +2044,25 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
     the full parser decides (and raises its own limit error).
     """
     t0 = time.perf_counter()
-    first, end_null = sets if sets is not None else grammar_sets(G)[:2]
-    if classes is None:
-        n_states = G[2].shape[0]
-        classes = (min_lengths(G), np.append(G[0][1:], n_states).astype(np.int64),
-                   np.zeros((len(forest.bands), n_states), np.int64)) + byte_classes(G, _UTF8_CUTS)
-    minlen, rule_end, cls, reps, bcls, bmask = classes
     bands = np.array(list(bands), np.int64)
     sc = _scratch(forest, max_token_len)
-    sc.rule_capacity(int((rule_end - G[0]).max(initial=1)))
+    f, args = sc.bound(G, flags, sets, classes, forest, max_items_per_row)
     sc.stamp += 1  # a new owner stamp for the absorption memo
     counts = np.zeros((bands.shape[0], 5), np.int64)
     while True:
-        status = _classify_bands(
-            G, minlen, rule_end, cls, reps, bcls, bmask, forest.horizons, sc.cls_dist, sc.cls_number, sc.cls_mark, sc.cls_queue,
-            sc.cls_meta, flags, first, end_null, np.int32(s), bands, forest.node_lo, forest.node_hi, forest.band_tok_lo,
-            forest.trie_byte, forest.trie_depth, forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids,
-            forest.sub_bytes, forest.utf8_valid, UTF8, sc.st, sc.org, sc.row_ptr, sc.ht_key, sc.ht_gen, sc.meta,
-            max_items_per_row, sc.top, sc.anchor, sc.entry, sc.stk_len, sc.stk, sc.sen, sc.pathb, sc.endk, sc.ae_cnt,
-            sc.ae_stack, sc.absorb, sc.absorb_ascii, sc.absorb_u, sc.pair_u, sc.pair_top, sc.pair_sl, sc.sets, sc.slots, sc.memo_key, sc.memo_val,
-            sc.stamp, sc.share, sc.share_ascii, sc.share_top, sc.share_sl, sc.share_u, sc.share_stk, sc.acc, sc.rec_node,
-            sc.rec_ae_ptr, sc.rec_ae, counts)
+        status, modes, ptr, acc, rec_node, rec_ae_ptr, rec_ae = f(*args, np.int32(s), bands, sc.stamp, counts)
+        if status == 1:
+            break
         if status == AE_FULL:
             sc.rec_ae = np.empty(2 * sc.rec_ae.shape[0], np.uint16)
-        elif status == GROW:
-            # A row needs room in the item arrays and at most half the hash table.
+        else:  # GROW: a row needs room in the item arrays and at most half the hash table
             if sc.ht_key.shape[0] // 2 < max_items_per_row:
                 sc.ht_key = np.zeros(2 * sc.ht_key.shape[0], np.int64)
                 sc.ht_gen = np.zeros(sc.ht_key.shape[0], np.int64)
             sc.st = np.empty(2 * sc.st.shape[0], np.int32)
             sc.org = np.empty(sc.st.shape[0], np.int32)
-        else:
-            break
+        f, args = sc.bound(G, flags, sets, classes, forest, max_items_per_row, rebind=True)
     seconds = (time.perf_counter() - t0) / max(len(bands), 1)
-    modes, ptr, acc, rec_node, rec_ae_ptr, rec_ae = _pack_bands(counts, bands, forest.node_lo, forest.band_tok_lo,
-                                                                forest.band_tok_hi, forest.band_bits, sc.acc, sc.rec_node,
-                                                                sc.rec_ae_ptr, sc.rec_ae, sc.words)
     p = ptr.tolist()
     return [StateMasks(mode, acc[a0:a1], max(n_acc, 0), rec_node[r0:r1], rec_ae_ptr[q0:q1], rec_ae[e0:e1],
                        visited if n_acc >= 0 else 0, seconds)
@@ -1947,7 +2132,7 @@ class MaskStore:
         self.misses = 0
         self.disk_hits = 0
         self._entries: OrderedDict[bytes, StateMasks] = OrderedDict()
-        self._inflight: dict[bytes, threading.Event] = {}
+        self._inflight: dict[bytes, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -1962,32 +2147,40 @@ class MaskStore:
         """
         out: list[StateMasks | None] = [None] * len(keys)
         mine: list[int] = []
-        waits: list[tuple[int, threading.Event]] = []
+        waits: list[tuple[int, threading.Lock]] = []
+        entries, inflight = self._entries, self._inflight
         with self._lock:
             for i, key in enumerate(keys):
-                e = self._entries.get(key)
+                e = entries.get(key)
                 if e is not None:
-                    self._entries.move_to_end(key)
+                    entries.move_to_end(key)
                     out[i] = e
-                elif key in self._inflight:
-                    waits.append((i, self._inflight[key]))
+                elif key in inflight:
+                    waits.append((i, inflight[key]))
                 else:
                     mine.append(i)
             self.hits += len(keys) - len(mine) - len(waits)
             if not mine and not waits:
                 return out  # type: ignore[return-value]
-            done = threading.Event()  # one for every key this call makes
+            # Held while this call makes its keys: a waiter acquires and releases it (a lock is a
+            # one-shot event at a tenth of the cost of threading.Event).
+            done = threading.Lock()
+            done.acquire()
             for i in mine:
-                self._inflight[keys[i]] = done
+                inflight[keys[i]] = done
+        made = False
+        n_disk = 0
         try:
-            todo = []
-            for i in mine:
-                path = cache_dir / self.fingerprint / f"{keys[i].hex()}.bin" if cache_dir is not None else None
-                e = _load(path) if path is not None else None
-                if e is None:
-                    todo.append(i)
-                else:
-                    out[i] = e
+            todo = mine
+            if cache_dir is not None:
+                todo = []
+                for i in mine:
+                    e = _load(cache_dir / self.fingerprint / f"{keys[i].hex()}.bin")
+                    if e is None:
+                        todo.append(i)
+                    else:
+                        out[i] = e
+                n_disk = len(mine) - len(todo)
             if todo:
                 for i, e in zip(todo, compute(todo)):
                     out[i] = e
@@ -1996,23 +2189,25 @@ class MaskStore:
                             _save(cache_dir / self.fingerprint / f"{keys[i].hex()}.bin", e)
                         except OSError:
                             pass  # a read-only or full cache directory only costs recomputation
-            with self._lock:
-                self.misses += len(todo)
-                self.disk_hits += len(mine) - len(todo)
-                for i in mine:
-                    e = out[i]
-                    self._entries[keys[i]] = e
-                    self.nbytes += e.nbytes
-                while self.nbytes > self.max_bytes and len(self._entries) > 1:
-                    _, old = self._entries.popitem(last=False)
-                    self.nbytes -= old.nbytes
+            made = True
         finally:
             with self._lock:
+                if made:
+                    self.misses += len(mine) - n_disk
+                    self.disk_hits += n_disk
+                    for i in mine:
+                        e = out[i]
+                        entries[keys[i]] = e
+                        self.nbytes += e.nbytes
+                    while self.nbytes > self.max_bytes and len(entries) > 1:
+                        _, old = entries.popitem(last=False)
+                        self.nbytes -= old.nbytes
                 for i in mine:
-                    del self._inflight[keys[i]]
-            done.set()
+                    del inflight[keys[i]]
+            done.release()
         for i, ev in waits:
-            ev.wait()
+            ev.acquire()
+            ev.release()
             # Usually there now; recomputed if the making thread failed or the LRU dropped it.
             out[i] = self.get_many((keys[i],), lambda todo, i=i: [compute([i])[0]], cache_dir)[0]
         return out  # type: ignore[return-value]
@@ -2042,12 +2237,15 @@ def mask_store(info: TokenizerInfo) -> MaskStore:
 # ----------------------------------------------------------------------------------------------
 
 
+_KEY_MEMO_BYTES = 4 << 20  # structure bytes a grammar's key memo holds (then new ones are only hashed)
+
+
 class _Keys:
     """Cross-grammar keys: a state's horizon structure plus the canonical hashes of the rules it calls.
 
     A rule's key hashes the sub-grammar reachable from it (rules renumbered in BFS order, each
     rule's automaton hashed once). A state's key for a band hashes what it reaches within the band's
-    longest token (:func:`_horizon_structs`) and the keys of the rules called there: the positions
+    longest token (:func:`_state_key_bytes`) and the keys of the rules called there: the positions
     of a counter (``char{0,255}``) at least that far from its bound share the band's entry.
     """
 
@@ -2059,6 +2257,12 @@ class _Keys:
         self.rule_end = np.append(grammar.rule_start[1:], ns).astype(np.int64)
         self._struct: dict[int, tuple[bytes, list[int]]] = {}
         self._closure: dict[int, bytes] = {}
+        # The rule keys made so far, for _state_key_bytes (which appends them to a state's structure).
+        self.rule_keys = np.zeros((grammar.n_rules, 16), np.uint8)
+        self.rule_known = np.zeros(grammar.n_rules, np.uint8)
+        self._key_bytes = None  # _state_key_bytes compiled for this grammar's argument types
+        self._by_bytes: dict[bytes, tuple[bytes, ...]] = {}  # a state's structure bytes -> its keys
+        self._by_bytes_size = 0
 
     def _rule_struct(self, r: int) -> tuple[bytes, list[int]]:
         hit = self._struct.get(r)
@@ -2091,20 +2295,35 @@ class _Keys:
                 chunks.append(array("q", [index[q] for q in refs]).tobytes())  # native int64, as numpy's tobytes
                 i += 1
             hit = self._closure[r] = hashlib.blake2b(b"".join(chunks), digest_size=16).digest()
+            self.rule_keys[r] = np.frombuffer(hit, np.uint8)
+            self.rule_known[r] = 1  # after the key: a kernel reading concurrently sees it whole or not at all
         return hit
 
     def state_keys(self, s: int, horizons: np.ndarray) -> tuple[bytes, ...]:
         """One key per horizon: the state's horizon structure and the keys of the rules called in it."""
-        r = int(self.g.state_rule[s])
-        ser, ser_ptr, callees, callee_ptr = _horizon_structs(self.G, self.minlen, np.int64(s), self.rule_end[r],
-                                                             horizons)
-        raw = ser.tobytes()
-        sp = ser_ptr.tolist()
-        cp = callee_ptr.tolist()
-        called = [self.rule_key(c) for c in callees.tolist()]
-        # One hash of the structure followed by the callees' keys (as if fed one after the other).
-        return tuple(hashlib.blake2b(b"".join([raw[8 * sp[k]:8 * sp[k + 1]]] + called[cp[k]:cp[k + 1]]),
-                                     digest_size=20).digest() for k in range(len(sp) - 1))
+        nh = horizons.shape[0]
+        work = np.empty(nh + 1 + self.rule_known.shape[0], np.int64)
+        args = (self.G, self.minlen, s, self.rule_end[self.g.state_rule[s]], horizons, self.rule_keys,
+                self.rule_known, _FORMAT_VERSION, work)
+        if self._key_bytes is None:
+            self._key_bytes = _compiled(_state_key_bytes, args)
+        while True:
+            raw, n_missing = self._key_bytes(*args)
+            if n_missing == 0:
+                break
+            for r in work[nh + 1:nh + 1 + n_missing].tolist():
+                self.rule_key(r)
+        # States that share a key combination have the same bytes: look them up, hash only new ones.
+        raw = raw.tobytes()
+        keys = self._by_bytes.get(raw)
+        if keys is None:
+            p = work[:nh + 1].tolist()
+            view = memoryview(raw)
+            keys = tuple(hashlib.blake2b(view[p[k]:p[k + 1]], digest_size=20).digest() for k in range(nh))
+            if self._by_bytes_size + len(raw) <= _KEY_MEMO_BYTES:
+                self._by_bytes[raw] = keys
+                self._by_bytes_size += len(raw)
+        return keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2217,25 +2436,39 @@ def _suffix_block(pairs, pos_ptr, pos, trie_tok_ptr, trie_tok_ids, trie_subtree,
 
 
 @numba.njit(cache=True, nogil=True)
-def _build_entry(parts, acc, band_bits, text_bits, n_text, rec_node, rec_ae_ptr, rec_ae, follow_row, trie_tok_ptr,
+def _build_entry(modes, accs, rec_nodes, rec_ae_ptrs, rec_aes, follow_row, band_bits, text_bits, n_text, trie_tok_ptr,
                  trie_tok_ids, trie_subtree, token_bytes, token_offsets, suffix_max):
     """A grammar's entry for one combination of band entries: (accepted mode, its data, uncertain pairs, suffix block).
 
-    ``parts[p] = (acc mode, acc offset, acc length, band, rec offset, rec count, rec_ae_ptr offset,
-    rec_ae offset)`` locate band entry p's arrays in the concatenations ``acc``, ``rec_node``,
-    ``rec_ae_ptr`` and ``rec_ae``. The accepted sets are merged (:func:`_merge_accepted`), each
-    band's records resolved with FOLLOW ``follow_row`` (:func:`_resolve_records`; nodes stay sorted,
-    the bands' tries being laid out in band order), and the suffix trie of the uncertain tokens
-    built (:func:`_suffix_block`, empty when there is none).
+    Band p's entry is ``modes[p]``, ``accs[p]``, ``rec_nodes[p]``, ``rec_ae_ptrs[p]``, ``rec_aes[p]``
+    (the fields of :class:`StateMasks`, one tuple per field). The accepted sets are merged
+    (:func:`_merge_accepted`), each band's records resolved with FOLLOW ``follow_row``
+    (:func:`_resolve_records`; nodes stay sorted, the bands' tries being laid out in band order),
+    and the suffix trie of the uncertain tokens built (:func:`_suffix_block`, empty when there is
+    none).
     """
-    mode, data = _merge_accepted(parts[:, :4], acc, band_bits, text_bits, n_text)
+    nb = len(accs)
+    parts = np.empty((nb, 4), np.int64)
+    total = 0
+    for p in range(nb):
+        total += accs[p].shape[0]
+    acc = np.empty(total, np.int32)
+    o = 0
+    for p in range(nb):
+        a = accs[p]
+        parts[p, 0] = modes[p]
+        parts[p, 1] = o
+        parts[p, 2] = a.shape[0]
+        parts[p, 3] = p
+        acc[o:o + a.shape[0]] = a
+        o += a.shape[0]
+    mode, data = _merge_accepted(parts, acc, band_bits, text_bits, n_text)
     n_pairs = 0
     n_pos = 0
     resolved = []
-    for p in range(parts.shape[0]):
-        r0, nr, a0 = parts[p, 4], parts[p, 5], parts[p, 6]
-        res = _resolve_records(rec_node[r0:r0 + nr], rec_ae_ptr[a0:a0 + nr + 1], rec_ae[parts[p, 7]:], follow_row,
-                               trie_tok_ptr, trie_tok_ids, token_bytes, token_offsets)
+    for p in range(nb):
+        res = _resolve_records(rec_nodes[p], rec_ae_ptrs[p], rec_aes[p], follow_row, trie_tok_ptr, trie_tok_ids,
+                               token_bytes, token_offsets)
         n_pairs += res[0].shape[0]
         n_pos += res[2].shape[0]
         resolved.append(res)
@@ -2304,7 +2537,16 @@ class MaskCache:
         self._horizons = self.forest.horizons
         self._classes = (self._keys.minlen, self._keys.rule_end, np.zeros((len(self.forest.bands), g.n_states), np.int64)
                          ) + byte_classes(self.G, _UTF8_CUTS)
-        self._combos: dict[tuple[bytes, ...], int] = {}  # band keys -> row of ent
+        self._combos: dict[tuple[bytes, ...], int] = {}  # band keys + FOLLOW bytes -> row of ent
+        # Structure + FOLLOW bytes -> row of ent, for _known_states: (slots, rows, bytes, counts).
+        self._table = (np.full(256, -1, np.int64), np.zeros((64, 4), np.int64), np.empty(16384, np.uint8),
+                       np.zeros(2, np.int64))
+        self._known = None  # _known_states compiled for this grammar's argument types
+        self._known_args = (self.G, self._keys.minlen, self._keys.rule_end, self.follow, self.forest.horizons)
+        forest = self.forest
+        self._build_args = (forest.band_bits, self.text_bits, self.store.n_text, forest.trie_tok_ptr,
+                            forest.trie_tok_ids, forest.trie_subtree, info.token_bytes, info.token_offsets, SUFFIX_MAX)
+        self._build = None  # _build_entry compiled for these arguments' types (band entries' arrays are alike)
         self._state_keys: dict[int, tuple[bytes, ...]] = {}  # state -> its band keys (the decoder and warm-up share them)
         self._lock = threading.Lock()
         self._n_ent = 0
@@ -2364,47 +2606,61 @@ class MaskCache:
             self._classes, max_items_per_row=self.max_items_per_row), self.cache_dir)
 
     def ensure(self, states: Iterable[int]) -> None:
-        """Compute and register the entries of ``states`` that are missing."""
-        for s in states:
-            s = int(s)
-            if self.pools[0][s] >= 0:
-                continue
-            keys = self.band_keys(s)
-            row = self._combos.get(keys)
-            if row is None:
-                parts = self._band_entries(s, keys)
-                row = self._add_entry(keys, parts, self.follow[self.grammar.state_rule[s]])
-                self.computed[s] = (sum(p.seconds for p in parts), sum(p.visited for p in parts))
+        """Compute and register the entries of ``states`` that are missing.
+
+        One kernel call registers every state whose structure and FOLLOW set the grammar has seen
+        (:func:`_known_states`): a state of a known key combination costs no keys, no store and no
+        Python per state. The others get their band keys, their band entries (the shared store,
+        or a walk) and a merged entry for their key combination and FOLLOW set.
+        """
+        todo = np.fromiter(states, np.int64)
+        pending = np.empty(todo.shape[0], np.int64)
+        with self._lock:
+            if self._known is None:
+                self._known = _compiled(_known_states, (*self._known_args, self.pools[0], *self._table, todo, pending))
+            n = self._known(*self._known_args, self.pools[0], *self._table, todo, pending)
+            while n < 0:
+                self._table = _grown_table(*self._table)
+                n = self._known(*self._known_args, self.pools[0], *self._table, todo, pending)
+        if n == 0:
+            return
+        for s, e in zip(todo[:n].tolist(), pending[:n].tolist()):
+            row = int(self._table[1][e, 3])  # made meanwhile, for an earlier state alike
+            if row < 0:
+                keys = self.band_keys(s)
+                r = int(self.grammar.state_rule[s])
+                # The merged entry resolves uncertain records with the rule's FOLLOW set: rules
+                # alike within the horizon but followed by different bytes must not share it.
+                combo = keys + (self.follow[r].tobytes(),)
+                row = self._combos.get(combo)
+                if row is None:
+                    parts = self._band_entries(s, keys)
+                    row = self._add_entry(combo, parts, self.follow[r])
+                    self.computed[s] = (sum(p.seconds for p in parts), sum(p.visited for p in parts))
             with self._lock:
                 self.pools[0][s] = row
+                self._table[1][e, 3] = row
 
-    def _add_entry(self, keys: tuple[bytes, ...], parts: list[StateMasks], follow_row: np.ndarray) -> int:
-        """Merge band entries into one pooled entry (resolving uncertain records with FOLLOW); its row."""
-        forest = self.forest
-        info = self.info
-        rows = []
-        a = r = e = 0
-        for k, p in enumerate(parts):
-            na, nr = p.acc.shape[0], p.rec_node.shape[0]
-            rows.append((p.acc_mode, a, na, k, r, nr, r + k, e))
-            a, r, e = a + na, r + nr, e + p.rec_ae.shape[0]
-        table = np.array(rows, np.int64)
-        mode, data, unc, block = _build_entry(
-            table, np.concatenate([p.acc for p in parts]), forest.band_bits, self.text_bits, self.store.n_text,
-            np.concatenate([p.rec_node for p in parts]), np.concatenate([p.rec_ae_ptr for p in parts]),
-            np.concatenate([p.rec_ae for p in parts]), follow_row, forest.trie_tok_ptr, forest.trie_tok_ids,
-            forest.trie_subtree, info.token_bytes, info.token_offsets, SUFFIX_MAX)
+    def _add_entry(self, combo: tuple[bytes, ...], parts: list[StateMasks], follow_row: np.ndarray) -> int:
+        """Merge band entries into one pooled entry (resolving uncertain records with FOLLOW ``follow_row``);
+        its row, kept for ``combo`` (the band keys and the FOLLOW set)."""
+        args = (tuple(p.acc_mode for p in parts), tuple(p.acc for p in parts), tuple(p.rec_node for p in parts),
+                tuple(p.rec_ae_ptr for p in parts), tuple(p.rec_ae for p in parts), follow_row) + self._build_args
+        if self._build is None:
+            self._build = _compiled(_build_entry, args)
+        mode, data, unc, block = self._build(*args)
         mode = int(mode)
         n_block = block.shape[0]
         n_list = data.shape[0] if mode in (ACC_LIST, ACC_COMPLEMENT) else 0
         with self._lock:
-            row = self._combos.get(keys)
+            row = self._combos.get(combo)
             if row is not None:
                 return row
             state_entry, ent, ids, bits = self.pools
             need_ids = self._n_ids + n_list + unc.shape[0] + n_block
             need_bits = self._n_bits + (mode == ACC_BITS)
-            if self._n_ent >= ent.shape[0] or need_ids > ids.shape[0] or need_bits > bits.shape[0]:
+            grow = self._n_ent >= ent.shape[0] or need_ids > ids.shape[0] or need_bits > bits.shape[0]
+            if grow:
                 state_entry = state_entry.copy()
                 ent = _grown(ent, self._n_ent + 1)
                 ids = _grown(ids, need_ids)
@@ -2428,8 +2684,11 @@ class MaskCache:
             ent[self._n_ent] = (mode, acc_off, acc_len, unc_off, unc.shape[0] // 2, suffix_off)
             row = self._n_ent
             self._n_ent += 1
-            self._combos[keys] = row
-            self.pools = (state_entry, ent, ids, bits)
+            self._combos[combo] = row
+            if grow:
+                # A new snapshot only when an array was replaced: the same tuple tells the decoder
+                # that its bound arguments still hold (rebinding them costs it a few µs).
+                self.pools = (state_entry, ent, ids, bits)
             return row
 
     @property
@@ -2457,6 +2716,25 @@ class MaskCache:
             return
         self._warm_thread_started = True
         _background().submit(self)
+
+
+def _grown_table(slots: np.ndarray, table: np.ndarray, data: np.ndarray, count: np.ndarray) -> tuple:
+    """The structure table of :func:`_known_states` with twice the room everywhere (rows keep their numbers)."""
+    table = _grown(table, 2 * table.shape[0])
+    data = _grown(data, 2 * data.shape[0])
+    slots = np.full(2 * slots.shape[0], -1, np.int64)
+    _rehash(slots, table, int(count[0]))
+    return slots, table, data, count
+
+
+@numba.njit(cache=True, nogil=True)
+def _rehash(slots, table, n):
+    mask = slots.shape[0] - 1
+    for e in range(n):
+        slot = table[e, 0] & mask
+        while slots[slot] >= 0:
+            slot = (slot + 1) & mask
+        slots[slot] = e
 
 
 def _grown(a: np.ndarray, need: int) -> np.ndarray:
