@@ -1788,7 +1788,7 @@ class Forest:
         self.sub_bytes, self.utf8_valid = _subtree_sets(self.trie_byte, self.trie_subtree, UTF8)
 
 
-@dataclass
+@dataclass(slots=True)
 class StateMasks:
     """One band of a state's classification, grammar-independent (shared by every grammar with the same horizon).
 
@@ -2237,9 +2237,6 @@ def mask_store(info: TokenizerInfo) -> MaskStore:
 # ----------------------------------------------------------------------------------------------
 
 
-_KEY_MEMO_BYTES = 4 << 20  # structure bytes a grammar's key memo holds (then new ones are only hashed)
-
-
 class _Keys:
     """Cross-grammar keys: a state's horizon structure plus the canonical hashes of the rules it calls.
 
@@ -2261,8 +2258,6 @@ class _Keys:
         self.rule_keys = np.zeros((grammar.n_rules, 16), np.uint8)
         self.rule_known = np.zeros(grammar.n_rules, np.uint8)
         self._key_bytes = None  # _state_key_bytes compiled for this grammar's argument types
-        self._by_bytes: dict[bytes, tuple[bytes, ...]] = {}  # a state's structure bytes -> its keys
-        self._by_bytes_size = 0
 
     def _rule_struct(self, r: int) -> tuple[bytes, list[int]]:
         hit = self._struct.get(r)
@@ -2313,17 +2308,9 @@ class _Keys:
                 break
             for r in work[nh + 1:nh + 1 + n_missing].tolist():
                 self.rule_key(r)
-        # States that share a key combination have the same bytes: look them up, hash only new ones.
-        raw = raw.tobytes()
-        keys = self._by_bytes.get(raw)
-        if keys is None:
-            p = work[:nh + 1].tolist()
-            view = memoryview(raw)
-            keys = tuple(hashlib.blake2b(view[p[k]:p[k + 1]], digest_size=20).digest() for k in range(nh))
-            if self._by_bytes_size + len(raw) <= _KEY_MEMO_BYTES:
-                self._by_bytes[raw] = keys
-                self._by_bytes_size += len(raw)
-        return keys
+        p = work[:nh + 1].tolist()
+        view = memoryview(raw)
+        return tuple(hashlib.blake2b(view[p[k]:p[k + 1]], digest_size=20).digest() for k in range(nh))
 
 
 # ----------------------------------------------------------------------------------------------
