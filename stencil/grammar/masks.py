@@ -463,7 +463,8 @@ def _known_states(G, rule_minlen, rule_end, follow, horizons, state_entry, slots
     ``count`` = (rows, bytes) used. For each state of ``states`` without an entry: its entry is set
     from the table, or it goes to ``states[:n]`` with its table row in ``pending[:n]`` (added with
     entry -1 when new: the caller sets it once made). Returns n, or -1 when the table is full (grow
-    it and call again; states registered so far stay registered).
+    it and call again with the states as given: ``states`` is overwritten; states registered so
+    far stay registered).
     """
     state_rule = G[2]
     k = np.argmax(horizons)
@@ -2600,14 +2601,16 @@ class MaskCache:
         Python per state. The others get their band keys, their band entries (the shared store,
         or a walk) and a merged entry for their key combination and FOLLOW set.
         """
-        todo = np.fromiter(states, np.int64)
+        given = np.fromiter(states, np.int64)
+        todo = given.copy()
         pending = np.empty(todo.shape[0], np.int64)
         with self._lock:
             if self._known is None:
                 self._known = _compiled(_known_states, (*self._known_args, self.pools[0], *self._table, todo, pending))
             n = self._known(*self._known_args, self.pools[0], *self._table, todo, pending)
-            while n < 0:
+            while n < 0:  # the table is full: grow it and start again from the states as given
                 self._table = _grown_table(*self._table)
+                todo[:] = given
                 n = self._known(*self._known_args, self.pools[0], *self._table, todo, pending)
         if n == 0:
             return
