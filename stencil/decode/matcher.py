@@ -258,6 +258,8 @@ class GrammarMatcher:
             if r >> 62:  # negative (see _settle) or with _NO_ENTRY set
                 r = self._settle((int(token_ids[0]), int(token_ids[1])), 0, r)
             return [r & 1 == 1, r & 2 == 2]
+        if len(token_ids) == 1:  # AWRS's peek on its own: the scalar entry point too
+            return [self.try_token(token_ids[0])]
         try:
             toks = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         except OverflowError:
