@@ -2388,6 +2388,7 @@ def _suffix_block(pairs, pos_ptr, pos, trie_tok_ptr, trie_tok_ids, trie_subtree,
         return none
     # (token, end) pairs, token-major, ends ascending; their suffixes token[end:] as strings.
     toks = np.empty(total, np.int32)
+    starts = np.empty(total, np.int64)  # where each suffix starts in token_bytes
     offsets = np.zeros(total + 1, np.int64)
     k = 0
     for j in range(n_rec):
@@ -2397,18 +2398,12 @@ def _suffix_block(pairs, pos_ptr, pos, trie_tok_ptr, trie_tok_ids, trie_subtree,
             t = trie_tok_ids[q]
             for e in ends:
                 toks[k] = t
-                offsets[k + 1] = offsets[k] + token_offsets[t + 1] - token_offsets[t] - e
+                starts[k] = token_offsets[t] + e
+                offsets[k + 1] = offsets[k] + token_offsets[t + 1] - starts[k]
                 k += 1
     data = np.empty(offsets[total], np.uint8)
-    k = 0
-    for j in range(n_rec):
-        node = pairs[2 * j]
-        ends = np.unique(pos[pos_ptr[j]:pos_ptr[j + 1]])
-        for q in range(trie_tok_ptr[node], trie_tok_ptr[node + trie_subtree[node]]):
-            t = trie_tok_ids[q]
-            for e in ends:
-                data[offsets[k]:offsets[k + 1]] = token_bytes[token_offsets[t] + e:token_offsets[t + 1]]
-                k += 1
+    for k in range(total):
+        data[offsets[k]:offsets[k + 1]] = token_bytes[starts[k]:starts[k] + offsets[k + 1] - offsets[k]]
     tb, td, ts, tp, tids, _ = _build_trie(data, offsets, _sort_strings(data, offsets), total)
     n = tb.shape[0]
     out = np.empty(2 + 4 * n + 1 + tids.shape[0], np.int32)
