@@ -508,6 +508,57 @@ def dfa_to_expr(a: CharDFA, label: Callable[[Ranges], Expr]) -> Expr:
     return Automaton(a.n_states, edges, finals)
 
 
+def strings_except_expr(values: Iterable[str], label: Callable[[Ranges], Expr]) -> Expr:
+    """Every code-point string but ``values``, as an IR :class:`Automaton` whose edges read ``label(ranges)``.
+
+    The language of ``dfa_to_expr(minimize(complement(strings_dfa(values))), label)``, built
+    directly from the values' trie: an object's "any name but the declared ones" is in almost every
+    schema, and those three steps were a quarter of its compile. Each trie node reads its children's
+    characters down the trie and every other character into a state that takes any rest. The part
+    of "every other character" outside printable ASCII is the same at almost every node (the names
+    are ASCII), so those nodes reach it through one shared state by an empty edge, and its
+    spellings (multi-byte UTF-8, escapes) are lowered once instead of once per node. The IR
+    minimizes the automaton, so it need not be minimal here.
+    """
+    children: list[dict[int, int]] = [{}]
+    excluded = [False]
+    for v in values:
+        s = 0
+        for ch in v:
+            t = children[s].get(ord(ch))
+            if t is None:
+                t = children[s][ord(ch)] = len(excluded)
+                children.append({})
+                excluded.append(False)
+            s = t
+        excluded[s] = True
+    n = len(children)
+    rest, hub = n, n + 1  # rest: after a character off the trie, any string; hub: one character outside printable ASCII
+    outside = complement_ranges(PRINTABLE_ASCII, MAX_CODE_POINT)
+    edges: list[tuple[int, Expr, int]] = []
+    for s, kids in enumerate(children):
+        for c, t in sorted(kids.items()):
+            edges.append((s, label(((c, c),)), t))
+        taken = tuple((c, c) for c in sorted(kids))
+        if _PRINTABLE.issuperset(kids):
+            printable = _printable_except(taken)
+            if printable:
+                edges.append((s, label(printable), rest))
+            edges.append((s, EMPTY, hub))
+        else:
+            edges.append((s, label(complement_ranges(taken, MAX_CODE_POINT)), rest))
+    edges.append((hub, label(outside), rest))
+    edges.append((rest, label(ALL), rest))
+    finals = tuple(s for s in range(n) if not excluded[s]) + (rest,)
+    return Automaton(n + 2, tuple(edges), finals)
+
+
+@lru_cache(maxsize=4096)
+def _printable_except(taken: Ranges) -> Ranges:
+    """Printable ASCII but the characters ``taken`` (most trie nodes of property names have one child)."""
+    return subtract_ranges(PRINTABLE_ASCII, taken)
+
+
 def strings_dfa(values: Iterable[str]) -> CharDFA:
     """The finite language ``values``, as their trie (a DFA; every state is live)."""
     children: list[dict[int, int]] = [{}]
@@ -576,6 +627,7 @@ def _hex4(ranges: Ranges) -> Expr:
 
 
 PRINTABLE_ASCII: Ranges = ((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x7E))
+_PRINTABLE = frozenset(c for lo, hi in PRINTABLE_ASCII for c in range(lo, hi + 1))
 """Printable ASCII other than the quote and the backslash: with ``raw_ascii`` only ever written raw."""
 
 

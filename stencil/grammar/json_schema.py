@@ -2108,6 +2108,14 @@ class _Compiler(_Normalizer):
                 return None
             return self.lazy_rule(("extra", o), "member",
                                   lambda: seq(Ref(self.json["string"]), self.ws, lit(":"), self.ws, self.value_ref(sub)))
+        if not pats and o.names == TRUE and witness is None:
+            # Any name but the declared ones (the general path below gives the same language).
+            sub = frozenset().union(*(c.additional for c in o.comps)) if o.comps else TRUE
+            if strict_forbid or self.FALSE in sub or not self.shape(sub):
+                return None
+            key = lx.strings_except_expr(declared, self.char_label(True))
+            return self.lazy_rule(("extra", o, None), "member",
+                                  lambda: seq(lit('"'), key, lit('"'), self.ws, lit(":"), self.ws, self.value_ref(sub)))
         try:
             base = self.names_dfa(o.names)
             if declared:
