@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from array import array
 import os
 import threading
 import time
@@ -432,6 +431,121 @@ def _structure(G, rule_minlen, s, s_end, horizons, rule_keys, rule_known, versio
                 n_missing += 1
         work[h + 1] = o
     return out, o, n_missing
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _put_le(buf, o, v, n):
+    """The n-byte little-endian two's complement of v at ``buf[o:]`` (numpy's ``tobytes`` on this machine); the new o."""
+    u = np.uint64(np.int64(v))
+    for k in range(n):
+        buf[o + k] = np.uint8((u >> np.uint64(8 * k)) & np.uint64(255))
+    return o + n
+
+
+@numba.njit(cache=True, nogil=True)
+def _rule_struct_bytes(G, rule_end, rules):
+    """Each rule's automaton as the int32 arrays it is hashed from (finals, edge offsets, bytes
+    lo/hi, is-a-call flags, targets; local numbering), concatenated: (bytes, offsets)."""
+    rule_start, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target = G[0], G[3], G[4], G[5], G[6], G[7], G[8]
+    ptr = np.zeros(rules.shape[0] + 1, np.int64)
+    for j in range(rules.shape[0]):
+        r = rules[j]
+        s0, s1 = rule_start[r], rule_end[r]
+        ptr[j + 1] = ptr[j] + 4 * (2 * (s1 - s0) + 1 + 4 * (edge_ptr[s1] - edge_ptr[s0]))
+    out = np.empty(ptr[-1], np.uint8)
+    for j in range(rules.shape[0]):
+        r = rules[j]
+        s0, s1 = rule_start[r], rule_end[r]
+        e0, e1 = edge_ptr[s0], edge_ptr[s1]
+        o = ptr[j]
+        for s in range(s0, s1):
+            o = _put_le(out, o, state_final[s], 4)
+        for s in range(s0, s1 + 1):
+            o = _put_le(out, o, edge_ptr[s] - e0, 4)
+        for e in range(e0, e1):
+            o = _put_le(out, o, edge_lo[e], 4)
+        for e in range(e0, e1):
+            o = _put_le(out, o, edge_hi[e], 4)
+        for e in range(e0, e1):
+            o = _put_le(out, o, 1 if edge_rule[e] >= 0 else 0, 4)
+        for e in range(e0, e1):
+            o = _put_le(out, o, edge_target[e] - s0, 4)
+    return out, ptr
+
+
+@numba.njit(cache=True, nogil=True)
+def _rule_closures(G, rule_end, rules, known, order, ptr):
+    """For each of ``rules``, the rules reachable from it in BFS order (callees in edge order) into
+    ``order`` (CSR by ``ptr``); and the reached rules whose digest is not ``known``, with their
+    structures to hash (:func:`_rule_struct_bytes`).
+
+    Returns (those rules, their bytes, offsets); the rules are None if ``order`` is too small.
+    """
+    rule_start, edge_ptr, edge_rule = G[0], G[4], G[7]
+    n_rules = rule_start.shape[0]
+    index = np.full(n_rules, -1, np.int64)
+    wanted = np.zeros(n_rules, np.bool_)
+    need = np.empty(n_rules, np.int64)
+    n_need = 0
+    o = 0
+    ptr[0] = 0
+    for j in range(rules.shape[0]):
+        if o >= order.shape[0]:
+            return None, np.empty(0, np.uint8), ptr
+        first = o
+        order[o] = rules[j]
+        index[rules[j]] = j
+        o += 1
+        i = first
+        while i < o:
+            r = order[i]
+            i += 1
+            if known[r] == 0 and not wanted[r]:
+                wanted[r] = True
+                need[n_need] = r
+                n_need += 1
+            for e in range(edge_ptr[rule_start[r]], edge_ptr[rule_end[r]]):
+                q = edge_rule[e]
+                if q >= 0 and index[q] != j:
+                    if o >= order.shape[0]:
+                        return None, np.empty(0, np.uint8), ptr
+                    index[q] = j
+                    order[o] = q
+                    o += 1
+        ptr[j + 1] = o
+    raw, off = _rule_struct_bytes(G, rule_end, need[:n_need])
+    return need[:n_need], raw, off
+
+
+@numba.njit(cache=True, nogil=True)
+def _closure_bytes(G, rule_end, order, ptr, digests):
+    """For each closure ``order[ptr[j]:ptr[j + 1]]``: per rule its digest, then its callees (edge
+    order) as int64 positions in the closure: (bytes, offsets)."""
+    rule_start, edge_ptr, edge_rule = G[0], G[4], G[7]
+    n = ptr.shape[0] - 1
+    size = np.zeros(n + 1, np.int64)
+    for j in range(n):
+        m = 0
+        for i in range(ptr[j], ptr[j + 1]):
+            r = order[i]
+            for e in range(edge_ptr[rule_start[r]], edge_ptr[rule_end[r]]):
+                if edge_rule[e] >= 0:
+                    m += 1
+        size[j + 1] = size[j] + 16 * (ptr[j + 1] - ptr[j]) + 8 * m
+    out = np.empty(size[-1], np.uint8)
+    pos = np.full(rule_start.shape[0], -1, np.int64)
+    for j in range(n):
+        for i in range(ptr[j], ptr[j + 1]):
+            pos[order[i]] = i - ptr[j]
+        o = size[j]
+        for i in range(ptr[j], ptr[j + 1]):
+            r = order[i]
+            out[o:o + 16] = digests[r]
+            o += 16
+            for e in range(edge_ptr[rule_start[r]], edge_ptr[rule_end[r]]):
+                if edge_rule[e] >= 0:
+                    o = _put_le(out, o, pos[edge_rule[e]], 8)
+    return out, size
 
 
 @numba.njit(cache=True, nogil=True)
@@ -2253,47 +2367,47 @@ class _Keys:
         self.minlen = min_lengths(G)
         ns = grammar.n_states
         self.rule_end = np.append(grammar.rule_start[1:], ns).astype(np.int64)
-        self._struct: dict[int, tuple[bytes, list[int]]] = {}
-        self._closure: dict[int, bytes] = {}
+        # Each rule's own automaton hashed (the part of a rule key that is the rule's), made once.
+        self.digests = np.zeros((grammar.n_rules, 16), np.uint8)
+        self.digest_known = np.zeros(grammar.n_rules, np.uint8)
         # The rule keys made so far, for _state_key_bytes (which appends them to a state's structure).
         self.rule_keys = np.zeros((grammar.n_rules, 16), np.uint8)
         self.rule_known = np.zeros(grammar.n_rules, np.uint8)
         self._key_bytes = None  # _state_key_bytes compiled for this grammar's argument types
 
-    def _rule_struct(self, r: int) -> tuple[bytes, list[int]]:
-        hit = self._struct.get(r)
-        if hit is None:
-            g = self.g
-            s0, s1 = int(g.rule_start[r]), int(self.rule_end[r])
-            e0, e1 = int(g.edge_ptr[s0]), int(g.edge_ptr[s1])
-            rules = g.edge_rule[e0:e1]
-            h = hashlib.blake2b(digest_size=16)
-            for a in (g.state_final[s0:s1].astype(np.int32), g.edge_ptr[s0:s1 + 1] - e0, g.edge_lo[e0:e1],
-                      g.edge_hi[e0:e1], (rules >= 0).astype(np.int32), g.edge_target[e0:e1] - s0):
-                h.update(np.ascontiguousarray(a, np.int32).tobytes())
-            hit = self._struct[r] = (h.digest(), rules[rules >= 0].tolist())
-        return hit
+    def make_rule_keys(self, rules: np.ndarray) -> None:
+        """Make the keys of ``rules``: each hashes the digests of the rules reachable from it, in
+        BFS order, and their calls as positions in that order (:func:`_closure_bytes`).
 
-    def rule_key(self, r: int) -> bytes:
-        hit = self._closure.get(r)
-        if hit is None:
-            order = [r]
-            index = {r: 0}
-            chunks = [f"stencil-masks-{_FORMAT_VERSION}".encode()]
-            i = 0
-            while i < len(order):
-                digest, refs = self._rule_struct(order[i])
-                for q in refs:
-                    if q not in index:
-                        index[q] = len(order)
-                        order.append(q)
-                chunks.append(digest)
-                chunks.append(array("q", [index[q] for q in refs]).tobytes())  # native int64, as numpy's tobytes
-                i += 1
-            hit = self._closure[r] = hashlib.blake2b(b"".join(chunks), digest_size=16).digest()
-            self.rule_keys[r] = np.frombuffer(hit, np.uint8)
-            self.rule_known[r] = 1  # after the key: a kernel reading concurrently sees it whole or not at all
-        return hit
+        Two kernel calls for all of them (the closures with the structures of the rules not hashed
+        yet, then the closures' bytes) and one BLAKE2b per new rule and per key. Safe to run on two threads at
+        once: they write the same values, each key before its flag.
+        """
+        rules = np.asarray(rules, np.int64)
+        n_rules = self.rule_known.shape[0]
+        order = np.empty(min(rules.shape[0] * n_rules, 1 << 20), np.int64)
+        ptr = np.empty(rules.shape[0] + 1, np.int64)
+        while True:
+            need, raw, off = _rule_closures(self.G, self.rule_end, rules, self.digest_known, order, ptr)
+            if need is not None:
+                break
+            order = np.empty(2 * order.shape[0], np.int64)
+        if need.shape[0]:
+            view, off = memoryview(raw), off.tolist()
+            digests = b"".join(hashlib.blake2b(view[off[j]:off[j + 1]], digest_size=16).digest()
+                               for j in range(need.shape[0]))
+            self.digests[need] = np.frombuffer(digests, np.uint8).reshape(-1, 16)
+            self.digest_known[need] = 1
+        raw, off = _closure_bytes(self.G, self.rule_end, order, ptr, self.digests)
+        view, off = memoryview(raw), off.tolist()
+        prefix = hashlib.blake2b(f"stencil-masks-{_FORMAT_VERSION}".encode(), digest_size=16)
+        keys = []
+        for j in range(rules.shape[0]):
+            h = prefix.copy()
+            h.update(view[off[j]:off[j + 1]])
+            keys.append(h.digest())
+        self.rule_keys[rules] = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)
+        self.rule_known[rules] = 1  # after the keys: a kernel reading concurrently sees each whole or not at all
 
     def state_keys(self, s: int, horizons: np.ndarray) -> tuple[bytes, ...]:
         """One key per horizon: the state's horizon structure and the keys of the rules called in it."""
@@ -2307,8 +2421,7 @@ class _Keys:
             raw, n_missing = self._key_bytes(*args)
             if n_missing == 0:
                 break
-            for r in work[nh + 1:nh + 1 + n_missing].tolist():
-                self.rule_key(r)
+            self.make_rule_keys(work[nh + 1:nh + 1 + n_missing].copy())
         p = work[:nh + 1].tolist()
         view = memoryview(raw)
         return tuple(hashlib.blake2b(view[p[k]:p[k + 1]], digest_size=20).digest() for k in range(nh))

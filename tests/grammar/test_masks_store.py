@@ -11,12 +11,15 @@ into stored and pooled entries, against plain numpy/Python set arithmetic on ran
 * ``_suffix_block``: the trie holds exactly the suffixes ``token[end:]`` of every (token, end) pair,
   in preorder with byte-sorted children, and is absent when a record is unconditional or too large;
 * ``MaskStore.get_many``: a key being made by one thread is awaited by another, never made twice,
-  and a failed maker leaves the key to be made again.
+  and a failed maker leaves the key to be made again;
+* ``_Keys.make_rule_keys``: a rule's key is the documented hash of its closure (stored entries on
+  disk depend on it), against a plain-Python computation on random grammars.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 
 import numpy as np
@@ -24,18 +27,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stencil.decode.parser import grammar_arrays
 from stencil.grammar.masks import (
+    _FORMAT_VERSION,
     ACC_BITS,
     ACC_COMPLEMENT,
     ACC_LIST,
     ACC_NONE,
     StateMasks,
+    _Keys,
     _merge_accepted,
     _pack_bands,
     _suffix_block,
     mask_store,
 )
-from tests.decode.test_masks import tokenizer
+from tests.decode.test_masks import random_grammars, tokenizer
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -266,3 +272,42 @@ def test_a_failed_maker_leaves_the_key_to_the_waiter():
     w.join(30)
     assert len(errors) == 1 and got["e"][0].acc.tolist() == [5]
     assert s.get_many(key, lambda todo: pytest.fail("made again"))[0] is got["e"][0]
+
+
+def reference_rule_key(g, r: int) -> bytes:
+    """A rule's key, the slow way: BLAKE2b over the version, then per rule of its closure (BFS from
+    r, callees in edge order) the digest of its automaton's int32 arrays and its callees' positions."""
+    ends = list(g.rule_start[1:]) + [g.n_states]
+
+    def digest(q):
+        s0, s1 = int(g.rule_start[q]), int(ends[q])
+        e0, e1 = int(g.edge_ptr[s0]), int(g.edge_ptr[s1])
+        calls = g.edge_rule[e0:e1]
+        h = hashlib.blake2b(digest_size=16)
+        for a in (g.state_final[s0:s1], g.edge_ptr[s0:s1 + 1] - e0, g.edge_lo[e0:e1], g.edge_hi[e0:e1],
+                  calls >= 0, g.edge_target[e0:e1] - s0):
+            h.update(np.asarray(a, np.int32).tobytes())
+        return h.digest(), [int(c) for c in calls if c >= 0]
+
+    order, index = [r], {r: 0}
+    out = f"stencil-masks-{_FORMAT_VERSION}".encode()
+    for q in order:
+        d, calls = digest(q)
+        for c in calls:
+            if c not in index:
+                index[c] = len(order)
+                order.append(c)
+        out += d + np.array([index[c] for c in calls], np.int64).tobytes()
+    return hashlib.blake2b(out, digest_size=16).digest()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(g=random_grammars(), data=st.data())
+def test_rule_keys_are_the_documented_hash(g, data):
+    keys = _Keys(g, grammar_arrays(g))
+    first = data.draw(st.lists(st.integers(0, g.n_rules - 1), unique=True, max_size=g.n_rules))
+    keys.make_rule_keys(np.array(first, np.int64))  # some digests exist before the rest are made
+    keys.make_rule_keys(np.arange(g.n_rules))
+    assert keys.rule_known.all()
+    for r in range(g.n_rules):
+        assert keys.rule_keys[r].tobytes() == reference_rule_key(g, r), r
