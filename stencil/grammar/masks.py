@@ -1328,14 +1328,80 @@ def _enter(state_final, flags, st, org, row, begin, end):
     return -1, -1, ends
 
 
+_DELEGATE_MIN = 32  # first bytes a donor must take over: fewer are not worth giving up the closed-set search
+
+
+@numba.njit(**_KERNEL)
+def _delegated(G, first, end_null, s, donor, stk, sen):
+    """Whether at least ``_DELEGATE_MIN`` first bytes take states s and ``donor`` (each seeding its
+    own sub-chart) to the same configuration: one move, to the same state, with no frames.
+
+    Whatever follows such a byte is read alike, so their results below it are equal. A single move
+    means no rule called or skipped there can read the byte, so the Earley rows that replays
+    materialize after it hold the same items too.
+    """
+    n = 0
+    for b in range(256):
+        st1, y1, sl1 = _stack_step(G, first, end_null, s, stk, sen, 1, 0, 0, b)
+        st2, y2, sl2 = _stack_step(G, first, end_null, donor, stk, sen, 1, 0, 0, b)
+        if st1 == _SCANNED and st2 == _SCANNED and y1 == y2 and sl1 == 0 and sl2 == 0:
+            n += 1
+    return n >= _DELEGATE_MIN
+
+
+@numba.njit(**_KERNEL, inline="always")
+def _first_at_least(a, v):
+    """The first index of sorted ``a`` whose value is at least v."""
+    lo, hi = 0, a.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@numba.njit(**_KERNEL)
+def _copy_subtree(i, end, trie_tok_ptr, trie_tok_ids, dbits, d_node, d_ptr, d_ae, acc, n_acc, rec_node, rec_ae_ptr,
+                  rec_ae, n_rec, n_ae):
+    """The donor's results for trie nodes i .. end-1 appended to the walk's: its accepted ids among
+    their tokens (trie order), its records there: (n_acc, n_rec, n_ae), n_acc = -1 if ``rec_ae`` is full."""
+    for k in range(trie_tok_ptr[i], trie_tok_ptr[end]):
+        t = trie_tok_ids[k]
+        if (dbits[t >> 5] >> np.uint32(t & 31)) & np.uint32(1) != 0:
+            acc[n_acc] = t
+            n_acc += 1
+    for r in range(_first_at_least(d_node, i), _first_at_least(d_node, end)):
+        cnt = d_ptr[r + 1] - d_ptr[r]
+        if n_ae + cnt > rec_ae.shape[0]:
+            return -1, n_rec, n_ae
+        for c in range(cnt):
+            rec_ae[n_ae + c] = d_ae[d_ptr[r] + c]
+        n_ae += cnt
+        rec_node[n_rec] = d_node[r]
+        n_rec += 1
+        rec_ae_ptr[n_rec] = n_ae
+    return n_acc, n_rec, n_ae
+
+
 @numba.njit(**_KERNEL)
 def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
                      trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
                      anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u,
                      pair_top, pair_sl, sets, slots, memo_key, memo_val, memo_stamp, share, share_ascii, share_top,
-                     share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out):
+                     share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out, donor, dtop, dbits,
+                     d_node, d_ptr, d_ae):
     """Classify the text tokens of trie nodes ``node_lo+1 .. node_hi-1`` (one trie; ``node_lo`` is its root)
     from a sub-chart seeded with (s, 0); see the module docstring.
+
+    ``donor`` (a state, or -1): a state whose classification of this band is given (accepted ids as
+    the bitset ``dbits``, records ``d_node`` with end positions ``d_ae`` by CSR ``d_ptr``). The walk
+    follows the donor's configuration along the path (``dtop[d]``, its top state with no frames, or
+    -1 once it has none or the rule's possible ends on the path differ); at a node where both are the
+    same stack configuration, everything below reads alike, so the donor's results for that subtree
+    are copied instead of walked (:func:`_copy_subtree`). With a donor the root's closed-set search
+    is skipped.
 
     Writes accepted ids to ``acc`` (trie order) and, for each dead subtree below a point where the
     rule could end, its node to ``rec_node`` and the positions on its path where the rule can end
@@ -1370,7 +1436,7 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
     scratch = top.shape[0]
     absorb[0] = 0
     absorb_u[0] = 0
-    if node_hi - node_lo > _BULK_MIN:
+    if node_hi - node_lo > _BULK_MIN and donor < 0:
         horizon = K[3]
         if share[0] > 0 and horizon <= share[1]:
             # Closed under the classes of a longer horizon: every string of the set up to that
@@ -1401,6 +1467,7 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
                 share_ascii[0] = absorb_ascii[0, 0]
                 share_ascii[1] = absorb_ascii[0, 1]
     ae_cnt[0] = 0
+    dtop[0] = donor
     n_acc = 0
     n_rec = 0
     n_ae = 0
@@ -1427,6 +1494,12 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
         alive = False
         x = top[d - 1]
         replay = False
+        dtop[d] = -1
+        y2 = -1
+        if x >= 0 and dtop[d - 1] >= 0:
+            st2, y2, sl2 = _stack_step(G, first, end_null, dtop[d - 1], stk, sen, d, 0, 0, b)
+            if st2 != _SCANNED or sl2 != 0:
+                y2 = -1
         if x >= 0:
             sl = stk_len[d - 1]
             for k in range(sl):
@@ -1436,6 +1509,16 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
             status, y, sl = _stack_step(G, first, end_null, x, stk, sen, d, sl, a, b)
             if status == _SCANNED:
                 ends = end_null[y] and (sl == 0 or sen[d, sl - 1])
+                if y == y2 and sl == 0 and a == 0 and entry[d - 1] == 0:
+                    end = i + trie_subtree[i]
+                    n_acc, n_rec, n_ae = _copy_subtree(i, end, trie_tok_ptr, trie_tok_ids, dbits, d_node, d_ptr, d_ae,
+                                                       acc, n_acc, rec_node, rec_ae_ptr, rec_ae, n_rec, n_ae)
+                    if n_acc < 0:
+                        return AE_FULL
+                    i = end
+                    continue
+                if y2 >= 0 and ends == end_null[y2]:
+                    dtop[d] = y2  # the rule's possible ends on the path still agree
                 if a != 0 and ends:
                     replay = True  # the anchor's rule may end: its callers are in the chart
                 else:
@@ -1530,13 +1613,16 @@ def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, c
                     max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb,
                     absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, slots, memo_key, memo_val, memo_stamp, share,
                     share_ascii,
-                    share_top, share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out):
+                    share_top, share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out, dtop,
+                    donor, dbits, d_ok, d_rec, d_node, d_ptr, d_ae):
     """:func:`_classify_kernel` for each band in ``bands``, in one call.
 
     Band b writes its accepted ids at ``acc[tok_lo[b]:]``, its records at ``rec_node[node_lo[b]:]``
     and ``rec_ae_ptr[node_lo[b] + b:]``, its end positions at ``rec_ae[out[j, 4]:]``; ``out[j]``
     gets (n_acc, n_rec, n_ae, visited, end positions offset) of ``bands[j]``, with n_acc = -1 when
-    that band's sub-chart hit the item limit. ``share*`` is scratch for :func:`_classify_kernel`. ``classes[b]`` caches the horizon classes of band b's horizon
+    that band's sub-chart hit the item limit. ``share*`` is scratch for :func:`_classify_kernel`.
+    ``donor`` (or -1) classified ``bands[j]`` as ``dbits[j]`` and records ``d_rec[j]:d_rec[j + 1]`` of
+    ``d_node`` / ``d_ptr`` / ``d_ae``, if ``d_ok[j]`` (not when that band hit its item limit). ``classes[b]`` caches the horizon classes of band b's horizon
     (:func:`_class_of`, with the ``cls_*`` scratch). Bands run from the longest horizon down, so
     one closed-set search at the root serves every band of a shorter horizon. Returns 1, or
     AE_FULL / GROW (call again after growing).
@@ -1545,6 +1631,8 @@ def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, c
     share[1] = 0
     share[2] = 0
     share_u[:] = 0
+    if donor >= 0 and not _delegated(G, first, end_null, s, donor, stk, sen):
+        donor = -1
     ae_off = 0
     done = np.int64(0)
     for _ in range(bands.shape[0]):
@@ -1557,6 +1645,7 @@ def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, c
         out[j, 4] = ae_off
         K = (minlen, rule_end, classes[b], horizons[b], cls_dist, cls_number, cls_mark, cls_queue, cls_meta, reps, bcls,
              bmask)
+        dj = donor if d_ok[j] != 0 else -1
         status = _classify_kernel(G, K, flags, first, end_null, s, node_lo[b], node_hi[b], trie_byte, trie_depth,
                                   trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr,
                                   ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk,
@@ -1564,7 +1653,8 @@ def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, c
                                   memo_key, memo_val,
                                   memo_stamp * 16 + j, share, share_ascii, share_top, share_sl, share_u, share_stk,
                                   acc[tok_lo[b]:], rec_node[node_lo[b]:], rec_ae_ptr[node_lo[b] + b:], rec_ae[ae_off:],
-                                  out[j])
+                                  out[j], dj, dtop, dbits[j], d_node[d_rec[j]:d_rec[j + 1]],
+                                  d_ptr[d_rec[j]:d_rec[j + 1] + 1], d_ae)
         if status == LIMIT:
             out[j, 0] = -1
         elif status != 1:
@@ -1731,12 +1821,13 @@ def _classify_and_pack(G, minlen, rule_end, classes, reps, bcls, bmask, horizons
                        st, org, row_ptr, ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen,
                        pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets,
                        slots, memo_key, memo_val, share, share_ascii, share_top, share_sl, share_u, share_stk, acc,
-                       rec_node, rec_ae_ptr, rec_ae, words, s, bands, memo_stamp, counts):
+                       rec_node, rec_ae_ptr, rec_ae, words, dtop, s, bands, memo_stamp, counts, donor, dbits,
+                       d_ok, d_rec, d_node, d_ptr, d_ae):
     """:func:`_classify_bands` then, if it finished, :func:`_pack_bands`, in one call: (status, packed...).
 
     The arguments that stay the same from one first visit to the next come first, so a caller
     binds them once; the status is 1 or what :func:`_classify_bands` returned (the packed arrays
-    are then empty).
+    are then empty). The donor arguments are :func:`_classify_bands`'.
     """
     status = _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, cls_dist, cls_number, cls_mark,
                              cls_queue, cls_meta, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte,
@@ -1744,7 +1835,8 @@ def _classify_and_pack(G, minlen, rule_end, classes, reps, bcls, bmask, horizons
                              org, row_ptr, ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen,
                              pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl,
                              sets, slots, memo_key, memo_val, memo_stamp, share, share_ascii, share_top, share_sl,
-                             share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, counts)
+                             share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, counts, dtop, donor,
+                             dbits, d_ok, d_rec, d_node, d_ptr, d_ae)
     if status != 1:
         z = np.zeros(0, np.int32)
         return status, np.zeros(0, np.int64), np.zeros((1, 4), np.int64), z, z, z, np.zeros(0, np.uint16)
@@ -2081,6 +2173,7 @@ class _Scratch:
         self.rec_ae = np.empty(4096, np.uint16)
         self.counts = np.zeros(4, np.int64)
         self.words = np.zeros(forest.token_node.shape[0] // 32 + 1, np.uint32)
+        self.dtop = np.zeros(depth, np.int64)
         self.st = np.empty(4096, np.int32)
         self.org = np.empty(4096, np.int32)
         self.row_ptr = np.zeros(depth + 2, np.int32)
@@ -2128,8 +2221,9 @@ class _Scratch:
                 self.ae_stack, self.absorb, self.absorb_ascii, self.absorb_u, self.pair_u, self.pair_top,
                 self.pair_sl, self.sets, self.slots, self.memo_key, self.memo_val, self.share, self.share_ascii,
                 self.share_top, self.share_sl, self.share_u, self.share_stk, self.acc, self.rec_node, self.rec_ae_ptr,
-                self.rec_ae, self.words)
-        f = _compiled(_classify_and_pack, (*args, np.int32(0), np.zeros(1, np.int64), 0, np.zeros((1, 5), np.int64)))
+                self.rec_ae, self.words, self.dtop)
+        f = _compiled(_classify_and_pack, (*args, np.int32(0), np.zeros(1, np.int64), 0, np.zeros((1, 5), np.int64),
+                                           *_no_donor(1)))
         self._bound = (G, flags, first if sets is not None else None, end_null if sets is not None else None,
                        classes, max_items, f, args)
         return f, args
@@ -2145,10 +2239,43 @@ def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
     return x
 
 
+def _no_donor(n_bands: int) -> tuple:
+    """The donor arguments of :func:`_classify_and_pack` for no donor."""
+    return (-1, np.zeros((n_bands, 1), np.uint32), np.zeros(n_bands, np.int64), np.zeros(n_bands + 1, np.int64),
+            np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.uint16))
+
+
+def _donor_args(forest: Forest, donor: int, parts: list[StateMasks], bands: np.ndarray) -> tuple:
+    """The donor arguments of :func:`_classify_and_pack` for ``bands`` from the donor's band entries
+    ``parts`` (all bands): accepted sets as bitsets, records concatenated."""
+    W = forest.band_bits.shape[1]
+    dbits = np.zeros((bands.shape[0], W), np.uint32)
+    ok = np.zeros(bands.shape[0], np.int64)
+    rec = np.zeros(bands.shape[0] + 1, np.int64)
+    nodes, ptrs, aes = [], [np.zeros(1, np.int64)], []
+    n_ae = 0
+    for j, b in enumerate(bands.tolist()):
+        e = parts[b]
+        # A band past the item limit is one unconditional record at its root: nothing to copy from.
+        ok[j] = not (e.rec_node.shape[0] == 1 and e.rec_node[0] == forest.node_lo[b])
+        if e.acc_mode == ACC_LIST:
+            dbits[j] = _id_bits(e.acc, W)
+        elif e.acc_mode == ACC_COMPLEMENT:
+            dbits[j] = forest.band_bits[b] & ~_id_bits(e.acc, W)
+        rec[j + 1] = rec[j] + e.rec_node.shape[0]
+        nodes.append(e.rec_node)
+        ptrs.append(e.rec_ae_ptr[1:].astype(np.int64) + n_ae)
+        aes.append(e.rec_ae)
+        n_ae += e.rec_ae.shape[0]
+    return (donor, dbits, ok, rec, np.concatenate(nodes).astype(np.int32), np.concatenate(ptrs),
+            np.concatenate(aes).astype(np.uint16))
+
+
 def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable[int], max_token_len: int,
                    sets: tuple[np.ndarray, np.ndarray] | None = None,
                    classes: tuple[np.ndarray, ...] | None = None, *,
-                   max_items_per_row: int = 50_000) -> list[StateMasks]:
+                   max_items_per_row: int = 50_000,
+                   donor: tuple[int, list[StateMasks]] | None = None) -> list[StateMasks]:
     """Classify the tokens of the given bands of the forest for state ``s``, one trie walk per band, one kernel call.
 
     ``sets`` = (FIRST, end_null) from :func:`grammar_sets`; ``classes`` = (rule minimum lengths,
@@ -2157,15 +2284,20 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
     given. A band whose sub-chart exceeds
     ``max_items_per_row`` gets a conservative entry: nothing accepted, the whole band uncertain, so
     the full parser decides (and raises its own limit error).
+
+    ``donor`` = (state, its band entries): a state of the same rule whose results are copied below
+    the first bytes that lead both to the same configuration (:func:`_delegated`).
     """
     t0 = time.perf_counter()
     bands = np.array(list(bands), np.int64)
+    donor_args = _no_donor(bands.shape[0]) if donor is None else _donor_args(forest, donor[0], donor[1], bands)
     sc = _scratch(forest, max_token_len)
     f, args = sc.bound(G, flags, sets, classes, forest, max_items_per_row)
     sc.stamp += 1  # a new owner stamp for the absorption memo
     counts = np.zeros((bands.shape[0], 5), np.int64)
     while True:
-        status, modes, ptr, acc, rec_node, rec_ae_ptr, rec_ae = f(*args, np.int32(s), bands, sc.stamp, counts)
+        status, modes, ptr, acc, rec_node, rec_ae_ptr, rec_ae = f(*args, np.int32(s), bands, sc.stamp, counts,
+                                                                  *donor_args)
         if status == 1:
             break
         if status == AE_FULL:
@@ -2252,6 +2384,11 @@ class MaskStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def has(self, keys: tuple[bytes, ...]) -> bool:
+        """Whether every one of ``keys`` is in memory now."""
+        with self._lock:
+            return all(k in self._entries for k in keys)
 
     def get_many(self, keys: tuple[bytes, ...], compute: Callable[[list[int]], list[StateMasks]],
                  cache_dir: Path | None = None) -> list[StateMasks]:
@@ -2696,10 +2833,37 @@ class MaskCache:
         """The grammar-independent band entries of state s (shared store, disk cache, or fresh walks)."""
         return self._band_entries(int(s), self.band_keys(s))
 
-    def _band_entries(self, s: int, keys: tuple[bytes, ...]) -> list[StateMasks]:
+    def _band_entries(self, s: int, keys: tuple[bytes, ...], donor: bool = True) -> list[StateMasks]:
+        """The band entries of state s (keys ``keys``) from the store, or walked.
+
+        A walk gets a donor (:meth:`_donor_of`) whose entries are fetched first, and made without a
+        donor if missing: an "any name but these" state of an object copies most of its results
+        from the state after a character off the names (shared by every such rule with the same
+        value schema) instead of walking the whole vocabulary again.
+        """
+        given = None
+        if donor and not self.store.has(keys):
+            t = self._donor_of(s)
+            if t >= 0:
+                # Keys made for the donor alone are not kept: the state may never be reached, and
+                # if it is, the table may register it without keys.
+                given = (t, self._band_entries(t, self._keys.state_keys(t, self._horizons), donor=False))
         return self.store.get_many(keys, lambda bands: classify_state(
             self.G, self.flags, s, self.forest, bands, self.info.max_token_len, (self.first, self.end_null),
-            self._classes, max_items_per_row=self.max_items_per_row), self.cache_dir)
+            self._classes, max_items_per_row=self.max_items_per_row, donor=given), self.cache_dir)
+
+    def _donor_of(self, s: int) -> int:
+        """The state that s's byte edges reach for the most bytes, other than s, if those are at least
+        ``_DELEGATE_MIN``; else -1. The walk checks byte by byte which of them it can copy."""
+        g = self.grammar
+        e0, e1 = int(g.edge_ptr[s]), int(g.edge_ptr[s + 1])
+        byte = (g.edge_rule[e0:e1] < 0) & (g.edge_hi[e0:e1] < 256) & (g.edge_target[e0:e1] != s)
+        if not byte.any():
+            return -1
+        width = np.bincount(g.edge_target[e0:e1][byte] - int(g.edge_target[e0:e1][byte].min()),
+                            weights=(g.edge_hi[e0:e1] - g.edge_lo[e0:e1] + 1)[byte])
+        best = int(width.argmax())
+        return best + int(g.edge_target[e0:e1][byte].min()) if width[best] >= _DELEGATE_MIN else -1
 
     def ensure(self, states: Iterable[int]) -> None:
         """Compute and register the entries of ``states`` that are missing.
