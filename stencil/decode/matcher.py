@@ -43,7 +43,7 @@ from stencil.decode.parser import (
 )
 from stencil.errors import StencilError
 from stencil.grammar.compiler import CompiledGrammar
-from stencil.grammar.masks import ACC_BITS, ACC_COMPLEMENT, ACC_LIST, decoder_active
+from stencil.grammar.masks import ACC_BITS, ACC_COMPLEMENT, ACC_LIST, _first_at_least, decoder_active
 from stencil.grammar.vocab import TokenizerInfo
 
 __all__ = ["GrammarMatcher", "fill_next_token_bitmasks", "pack_bool_mask"]
@@ -930,14 +930,8 @@ def _fill_row(G, flags, first, end_null, st, org, row_ptr, ht_key, ht_gen, meta,
 @numba.njit(**_KERNEL)
 def _in_sorted(a, lo, hi, x):
     """Is x in the sorted slice a[lo:hi]?"""
-    end = hi
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < end and a[lo] == x
+    i = _first_at_least(a, lo, hi, x)
+    return i < hi and a[i] == x
 
 
 @numba.njit(**_KERNEL, inline="always")

@@ -1350,9 +1350,8 @@ def _delegated(G, first, end_null, s, donor, stk, sen):
 
 
 @numba.njit(**_KERNEL, inline="always")
-def _first_at_least(a, v):
-    """The first index of sorted ``a`` whose value is at least v."""
-    lo, hi = 0, a.shape[0]
+def _first_at_least(a, lo, hi, v):
+    """The first index in ``lo..hi`` of sorted ``a`` whose value is at least v (hi if none)."""
     while lo < hi:
         mid = (lo + hi) >> 1
         if a[mid] < v:
@@ -1372,7 +1371,8 @@ def _copy_subtree(i, end, trie_tok_ptr, trie_tok_ids, dbits, d_node, d_ptr, d_ae
         if (dbits[t >> 5] >> np.uint32(t & 31)) & np.uint32(1) != 0:
             acc[n_acc] = t
             n_acc += 1
-    for r in range(_first_at_least(d_node, i), _first_at_least(d_node, end)):
+    n = d_node.shape[0]
+    for r in range(_first_at_least(d_node, 0, n, i), _first_at_least(d_node, 0, n, end)):
         cnt = d_ptr[r + 1] - d_ptr[r]
         if n_ae + cnt > rec_ae.shape[0]:
             return -1, n_rec, n_ae
