@@ -35,8 +35,8 @@ spelling) and a JSON list ``[{"name": ..., "arguments": {...}}, ...]``.
 
 ``parallel_tool_calls=False`` allows at most one call. Each call's arguments follow the tool's
 ``parameters`` JSON Schema exactly (through the JSON Schema frontend, ``strict`` by default:
-objects that declare properties accept no others unless the schema says so; a tool without
-``parameters`` takes any JSON object). Names are written as given (``"name": "f"``), keys in the
+objects that declare properties accept no others unless the schema says so, members in declaration
+order; a tool without ``parameters`` takes any JSON object). Names are written as given (``"name": "f"``), keys in the
 format's order, with flexible whitespace between JSON tokens.
 """
 
