@@ -2242,7 +2242,8 @@ def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
 
 @functools.lru_cache(maxsize=8)
 def _no_donor(n_bands: int) -> tuple:
-    """The donor arguments of :func:`_classify_and_pack` for no donor (made once per band count; the kernel only reads them)."""
+    """The donor arguments of :func:`_classify_and_pack` for no donor (made once per band count: the
+    kernel only reads them)."""
     return (-1, np.zeros((n_bands, 1), np.uint32), np.zeros(n_bands, np.int64), np.zeros(n_bands + 1, np.int64),
             np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.uint16))
 
