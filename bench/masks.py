@@ -17,12 +17,16 @@ By default the steps run back to back, which leaves no time for work an engine d
 (Stencil's background warm-up). ``--model-ms`` sleeps that long after the first mask and after each
 step, untimed and for every engine alike, as a decode loop waits for the model's forward pass.
 
+After the table it prints each engine's full garbage collections (count, longest, how many timed steps
+ran one): such a collection holds the GIL throughout, so it shows in a step's time.
+
 Writes ``bench/results/masks-<tokenizer>.json`` (raw numbers) and ``masks-<tokenizer>-cdf.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import random
@@ -54,6 +58,26 @@ def load_records(n: int | None, seed: int) -> list[dict]:
     return recs
 
 
+class FullCollections:
+    """The garbage collector's full (generation 2) collections in this process: when each ran and for how long.
+
+    A full collection holds the GIL for as long as it takes to traverse every tracked object (a few
+    hundred thousand once torch is imported), so one that lands inside a step shows in the tail.
+    """
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                self._start = time.perf_counter()
+            else:
+                self.pauses.append(time.perf_counter() - self._start)
+
+
 def worker(engine: str, tok_dir: str, vocab_size: int, model_s: float, conn) -> None:
     """Serve (schema, token lists) jobs for one engine until told to stop; ``model_s``: untimed pause per step."""
     try:
@@ -63,11 +87,13 @@ def worker(engine: str, tok_dir: str, vocab_size: int, model_s: float, conn) -> 
         return
     conn.send({"ready": True})
     bitmask = new_bitmask(vocab_size)
+    collections = FullCollections()
     while True:
         job = conn.recv()
         if job is None:
             return
-        out: dict = {"mask_s": [], "rejected": 0, "error": None}
+        out: dict = {"mask_s": [], "rejected": 0, "error": None, "gc_steps": 0}
+        n_gc = len(collections.pauses)
         try:
             t0 = time.perf_counter()
             m = adapter.compile_json_schema(job["schema"])
@@ -80,10 +106,12 @@ def worker(engine: str, tok_dir: str, vocab_size: int, model_s: float, conn) -> 
                 if model_s:
                     time.sleep(model_s)  # the forward pass that the first mask goes with, as every later one
                 for t in ids:
+                    before = len(collections.pauses)
                     t1 = time.perf_counter()
                     ok = adapter.accept(m, t)
                     adapter.fill(m, bitmask)
                     out["mask_s"].append(time.perf_counter() - t1)
+                    out["gc_steps"] += len(collections.pauses) > before
                     if model_s:
                         time.sleep(model_s)
                     if not ok:
@@ -91,6 +119,7 @@ def worker(engine: str, tok_dir: str, vocab_size: int, model_s: float, conn) -> 
                         break
         except Exception as e:
             out["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        out["gc_s"] = collections.pauses[n_gc:]
         out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         conn.send(out)
 
@@ -130,7 +159,7 @@ class Engine:
         self.proc.kill()
         self.proc.join()
         self._start()
-        return {"error": status, "mask_s": [], "rejected": 0}
+        return {"error": status, "mask_s": [], "rejected": 0, "gc_s": [], "gc_steps": 0}
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -181,7 +210,8 @@ def main() -> None:
         if engines[name].fatal:
             print(f"  {name} unavailable: {engines[name].fatal}", file=sys.stderr)
 
-    results = {n: {"ttfm_s": [], "mask_s": [], "failures": {}, "per_schema": []} for n in names}
+    results = {n: {"ttfm_s": [], "mask_s": [], "failures": {}, "per_schema": [], "gc_s": [], "gc_steps": 0}
+               for n in names}
     t_start = time.time()
     for i, rec in enumerate(records):
         job = {"schema": rec["schema"], "instances": rec["token_ids"]}
@@ -191,6 +221,8 @@ def main() -> None:
             out = eng.run(job, args.timeout)
             res = results[name]
             res["mask_s"].extend(out["mask_s"])
+            res["gc_s"].extend(out["gc_s"])
+            res["gc_steps"] += out["gc_steps"]
             if "ttfm_s" in out:
                 res["ttfm_s"].append(out["ttfm_s"])
             kind = None
@@ -222,6 +254,8 @@ def main() -> None:
             "ttfm_ms": percentiles(r["ttfm_s"]),
             "peak_rss_mb": engines[name].peak_rss_mb,
             "failures": r["failures"],
+            "full_gc": {"count": len(r["gc_s"]), "max_ms": 1e3 * max(r["gc_s"], default=0.0),
+                        "total_ms": 1e3 * sum(r["gc_s"]), "in_steps": r["gc_steps"]},
         }
     gap = f", {args.model_ms:g} ms model time per step" if args.model_ms else ""
     print(f"\n{len(records)} schemas, tokenizer {args.tokenizer} (vocab {vocab_size}){gap}, times in ms")
@@ -236,6 +270,12 @@ def main() -> None:
         f = lambda d, k: f"{d.get(k, float('nan')):.3f}"  # noqa: E731
         print(f"{name:<11} {f(m,'p50'):>9} {f(m,'p90'):>8} {f(m,'p99'):>8} {f(m,'p99.9'):>8} {f(m,'max'):>8} | "
               f"{f(t,'p50'):>9} {f(t,'p90'):>8} {f(t,'p99'):>8} {f(t,'max'):>8} | {s['peak_rss_mb']:7.0f} | {s['failures'] or '-'}")
+    print("\nfull garbage collections (generation 2) in each engine's process, during the schemas' work:")
+    for name, s in summary.items():
+        if "full_gc" in s:
+            c = s["full_gc"]
+            print(f"  {name:<11} {c['count']:4d}, longest {c['max_ms']:.1f} ms, {c['total_ms']:.0f} ms in all, "
+                  f"{c['in_steps']} timed steps ran one")
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (f"masks-{args.tokenizer}" + (f"-model{args.model_ms:g}ms" if args.model_ms else ""))
