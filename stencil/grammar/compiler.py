@@ -90,20 +90,26 @@ class GrammarCompiler:
 
     ``cache_size``: compiled grammars kept (least recently used dropped first). ``cache_dir``: a
     directory for the on-disk token-mask cache, shared by processes using the same vocabulary.
-    ``warm_up``: queue each newly compiled grammar for background mask warm-up.
+    ``warm_up``: queue each newly compiled grammar for background mask warm-up. ``load_kernels``:
+    load the numba kernels now (once per process, about half a second; see :mod:`stencil.preload`), so the
+    first request's mask does not pay it.
 
     >>> compiler = GrammarCompiler(TokenizerInfo.from_file("tokenizer.json"))
     >>> cg = compiler.compile_regex(r"\\d{3}-\\d{4}")
     """
 
     def __init__(self, tokenizer_info: TokenizerInfo, *, cache_size: int = 128,
-                 cache_dir: str | os.PathLike | None = None, warm_up: bool = True):
+                 cache_dir: str | os.PathLike | None = None, warm_up: bool = True, load_kernels: bool = True):
         self.tokenizer_info = tokenizer_info
         self.cache_size = int(cache_size)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.warm_up = bool(warm_up)
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
+        if load_kernels:
+            from stencil.preload import load_kernels as load
+
+            load(tokenizer_info)
 
     def _cached(self, key: tuple, make: Callable[[], Grammar], source: str) -> CompiledGrammar:
         with self._lock:
