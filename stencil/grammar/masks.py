@@ -2019,6 +2019,13 @@ class StateMasks:
     def nbytes(self) -> int:
         return self.acc.nbytes + self.rec_node.nbytes + self.rec_ae_ptr.nbytes + self.rec_ae.nbytes
 
+    def fields(self) -> tuple:
+        """The fields as a plain tuple (``StateMasks(*t)`` rebuilds it): what :class:`MaskStore` keeps.
+        The garbage collector stops tracking a tuple of arrays and numbers, while it walks every
+        instance of a class in each full collection, and a store holds tens of thousands of entries."""
+        return (self.acc_mode, self.acc, self.n_accepted, self.rec_node, self.rec_ae_ptr, self.rec_ae, self.visited,
+                self.seconds)
+
 
 @numba.njit(cache=True, nogil=True)
 def _bfs(G, seeds, n_seeds, pick, limit, out):
@@ -2381,7 +2388,7 @@ class MaskStore:
         self.hits = 0
         self.misses = 0
         self.disk_hits = 0
-        self._entries: OrderedDict[bytes, StateMasks] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple] = OrderedDict()  # key -> StateMasks.fields()
         self._inflight: dict[bytes, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -2409,7 +2416,7 @@ class MaskStore:
                 e = entries.get(key)
                 if e is not None:
                     entries.move_to_end(key)
-                    out[i] = e
+                    out[i] = StateMasks(*e)
                 elif key in inflight:
                     waits.append((i, inflight[key]))
                 else:
@@ -2452,11 +2459,11 @@ class MaskStore:
                     self.disk_hits += n_disk
                     for i in mine:
                         e = out[i]
-                        entries[keys[i]] = e
+                        entries[keys[i]] = e.fields()
                         self.nbytes += e.nbytes
                     while self.nbytes > self.max_bytes and len(entries) > 1:
                         _, old = entries.popitem(last=False)
-                        self.nbytes -= old.nbytes
+                        self.nbytes -= StateMasks(*old).nbytes
                 for i in mine:
                     del inflight[keys[i]]
             done.release()

@@ -19,6 +19,7 @@ into stored and pooled entries, against plain numpy/Python set arithmetic on ran
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import threading
 
@@ -240,7 +241,21 @@ def test_a_key_in_the_making_is_awaited_not_made_twice():
     assert made == [[0, 1]]
     assert [e.acc[0] for e in results["maker"]] == [0, 1]
     assert results["waiter"] == results["maker"][::-1]
-    assert all(x is y for x, y in zip(results["waiter"], results["maker"][::-1]))
+    # The waiter got the maker's arrays (the store keeps them, not copies).
+    assert all(a is b for x, y in zip(results["waiter"], results["maker"][::-1])
+               for a, b in zip(x.fields(), y.fields()) if isinstance(a, np.ndarray))
+
+
+def test_the_collector_stops_tracking_stored_entries():
+    """A server's store holds tens of thousands of entries: each full collection would walk them
+    all, holding the GIL, if they stayed tracked (bench/gc_heap.py)."""
+    s = store()
+    keys = tuple(b"over-test-gc-%d" % i + bytes(4) for i in range(3))
+    got = s.get_many(keys, lambda todo: [entry(i) for i in todo])
+    gc.collect()
+    assert not any(gc.is_tracked(s._entries[k]) for k in keys)
+    assert [e.acc.tolist() for e in s.get_many(keys, lambda todo: pytest.fail("made again"))] == \
+        [e.acc.tolist() for e in got]
 
 
 def test_a_failed_maker_leaves_the_key_to_the_waiter():
@@ -271,7 +286,7 @@ def test_a_failed_maker_leaves_the_key_to_the_waiter():
     t.join(30)
     w.join(30)
     assert len(errors) == 1 and got["e"][0].acc.tolist() == [5]
-    assert s.get_many(key, lambda todo: pytest.fail("made again"))[0] is got["e"][0]
+    assert s.get_many(key, lambda todo: pytest.fail("made again"))[0].acc is got["e"][0].acc
 
 
 def reference_rule_key(g, r: int) -> bytes:
