@@ -1,10 +1,9 @@
 """Load the numba kernels that compiling and decoding use, once per process, before the first request.
 
 numba keeps compiled kernels on disk (``cache=True``), but a process still loads each one on its
-first call, 3-60 ms each for the twenty-odd that compiling and decoding use (about a quarter of a
-second in all on the development machine). Without this, the first grammar a process compiles pays
-all of it inside its first mask, and a kernel first needed later (the structure table growing)
-pays it inside a decode step. :func:`load_kernels` runs a small workload that reaches them
+first call, a few to tens of milliseconds each for the twenty-odd that compiling and decoding use.
+Without this, the first grammar a process compiles pays all of it inside its first mask, and a
+kernel first needed later (the structure table growing) pays it inside a decode step. :func:`load_kernels` runs a small workload that reaches them
 instead: a regex, an EBNF grammar and a JSON Schema with the constructs that take distinct kernel
 paths compiled, and an instance of the schema decoded token by token (fills, batch fill,
 ``try_token``, rollback).

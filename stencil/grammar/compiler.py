@@ -91,8 +91,8 @@ class GrammarCompiler:
     ``cache_size``: compiled grammars kept (least recently used dropped first). ``cache_dir``: a
     directory for the on-disk token-mask cache, shared by processes using the same vocabulary.
     ``warm_up``: queue each newly compiled grammar for background mask warm-up. ``load_kernels``:
-    load the numba kernels now (once per process, about half a second; see :mod:`stencil.preload`), so the
-    first request's mask does not pay it.
+    load the numba kernels now (once per process; see :mod:`stencil.preload`), so that the first
+    request's mask does not pay for it.
 
     >>> compiler = GrammarCompiler(TokenizerInfo.from_file("tokenizer.json"))
     >>> cg = compiler.compile_regex(r"\\d{3}-\\d{4}")
