@@ -34,8 +34,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--freeze-gc", action="store_true", help="gc.collect(); gc.freeze() after start-up")
     args = ap.parse_args()
-
+    if args.n < 1:
+        ap.error(f"--n must be at least 1, not {args.n}")
     tok_dir = SHARED / "tokenizers" / args.tokenizer
+    if not (tok_dir / "tokenizer.json").is_file():
+        ap.error(f"no tokenizer {args.tokenizer!r} under {tok_dir.parent}")
     hf = load_hf_tokenizer(tok_dir)
     info = st.TokenizerInfo.from_file(tok_dir)
     compiler = st.GrammarCompiler(info, warm_up=False)
