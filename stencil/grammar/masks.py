@@ -1362,49 +1362,67 @@ def _first_at_least(a, lo, hi, v):
     return lo
 
 
+@numba.njit(**_KERNEL, inline="always")
+def _put_range(acc_lo, acc_hi, n_rng, lo, hi):
+    """Append trie positions lo..hi-1 to the sorted accepted ranges (joined to the last one when adjacent); the new count."""
+    if hi <= lo:
+        return n_rng
+    if n_rng > 0 and acc_hi[n_rng - 1] == lo:
+        acc_hi[n_rng - 1] = hi
+        return n_rng
+    acc_lo[n_rng] = lo
+    acc_hi[n_rng] = hi
+    return n_rng + 1
+
+
 @numba.njit(**_KERNEL)
-def _copy_subtree(i, end, trie_tok_ptr, trie_tok_ids, dbits, d_node, d_ptr, d_ae, acc, n_acc, rec_node, rec_ae_ptr,
+def _copy_subtree(i, end, trie_tok_ptr, d_lo, d_hi, d_node, d_ptr, d_ae, acc_lo, acc_hi, n_rng, rec_node, rec_ae_ptr,
                   rec_ae, n_rec, n_ae):
-    """The donor's results for trie nodes i .. end-1 appended to the walk's: its accepted ids among
-    their tokens (trie order), its records there: (n_acc, n_rec, n_ae), n_acc = -1 if ``rec_ae`` is full."""
-    for k in range(trie_tok_ptr[i], trie_tok_ptr[end]):
-        t = trie_tok_ids[k]
-        if (dbits[t >> 5] >> np.uint32(t & 31)) & np.uint32(1) != 0:
-            acc[n_acc] = t
-            n_acc += 1
+    """The donor's results for trie nodes i .. end-1 appended to the walk's: its accepted ranges there
+    (``d_lo``/``d_hi``, sorted trie positions) and its records: (tokens added, n_rng, n_rec, n_ae),
+    tokens added = -1 if ``rec_ae`` is full."""
+    a, b = trie_tok_ptr[i], trie_tok_ptr[end]
+    added = 0
+    r = _first_at_least(d_hi, 0, d_hi.shape[0], a + 1)  # the first range ending past a
+    while r < d_lo.shape[0] and d_lo[r] < b:
+        lo, hi = max(d_lo[r], a), min(d_hi[r], b)
+        n_rng = _put_range(acc_lo, acc_hi, n_rng, lo, hi)
+        added += hi - lo
+        r += 1
     n = d_node.shape[0]
     for r in range(_first_at_least(d_node, 0, n, i), _first_at_least(d_node, 0, n, end)):
         cnt = d_ptr[r + 1] - d_ptr[r]
         if n_ae + cnt > rec_ae.shape[0]:
-            return -1, n_rec, n_ae
+            return -1, n_rng, n_rec, n_ae
         for c in range(cnt):
             rec_ae[n_ae + c] = d_ae[d_ptr[r] + c]
         n_ae += cnt
         rec_node[n_rec] = d_node[r]
         n_rec += 1
         rec_ae_ptr[n_rec] = n_ae
-    return n_acc, n_rec, n_ae
+    return added, n_rng, n_rec, n_ae
 
 
 @numba.njit(**_KERNEL)
 def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byte, trie_depth, trie_subtree, trie_tok_ptr,
-                     trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
+                     sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta, max_items, top,
                      anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u,
                      pair_top, pair_sl, sets, slots, memo_key, memo_val, memo_stamp, share, share_ascii, share_top,
-                     share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out, donor, dtop, dbits,
-                     d_node, d_ptr, d_ae):
+                     share_sl, share_u, share_stk, acc_lo, acc_hi, rec_node, rec_ae_ptr, rec_ae, out, donor, dtop,
+                     d_lo, d_hi, d_node, d_ptr, d_ae):
     """Classify the text tokens of trie nodes ``node_lo+1 .. node_hi-1`` (one trie; ``node_lo`` is its root)
     from a sub-chart seeded with (s, 0); see the module docstring.
 
-    ``donor`` (a state, or -1): a state whose classification of this band is given (accepted ids as
-    the bitset ``dbits``, records ``d_node`` with end positions ``d_ae`` by CSR ``d_ptr``). The walk
+    ``donor`` (a state, or -1): a state whose classification of this band is given (accepted tokens
+    as sorted ranges of trie positions ``d_lo``..``d_hi``, records ``d_node`` with end positions ``d_ae`` by CSR ``d_ptr``). The walk
     follows the donor's configuration along the path (``dtop[d]``, its top state with no frames, or
     -1 once it has none or the rule's possible ends on the path differ); at a node where both are the
     same stack configuration, everything below reads alike, so the donor's results for that subtree
     are copied instead of walked (:func:`_copy_subtree`). With a donor the root's closed-set search
     is skipped.
 
-    Writes accepted ids to ``acc`` (trie order) and, for each dead subtree below a point where the
+    Writes the accepted tokens as sorted, disjoint ranges of trie positions (``acc_lo[k]`` ..
+    ``acc_hi[k]``; a subtree accepted whole is one range, so nothing here costs per accepted token) and, for each dead subtree below a point where the
     rule could end, its node to ``rec_node`` and the positions on its path where the rule can end
     (bytes read before the end) to ``rec_ae`` (CSR by ``rec_ae_ptr``). Per-depth scratch (``max_token_len + 2`` rows): a *stack configuration*
     (``top`` state or -1 where the depth's sub-chart row, index depth + 1, is materialized instead;
@@ -1416,7 +1434,7 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
     ``absorb_u[d]``): a child subtree made only of those is accepted whole (:func:`_bulk_ok`). Rows past the depths of ``stk`` are scratch.
     ``share = (kind, horizon, n)``, ``share_ascii``, ``share_*``: a closed-set answer for the root
     found by a band of a longer horizon and its n boundary members (frames in ``share_stk``), used
-    instead of searching again when kind > 0; a search here that finds one fills them in. ``out`` gets (n_acc, n_rec, n_ae, visited). Returns 1, AE_FULL (``rec_ae`` too small), or GROW /
+    instead of searching again when kind > 0; a search here that finds one fills them in. ``out`` gets (n_acc, n_rec, n_ae, visited) and, in ``out[5]``, the number of ranges. Returns 1, AE_FULL (``rec_ae`` too small), or GROW /
     LIMIT from the sub-chart; only 1 leaves a usable result.
     """
     state_final = G[3]
@@ -1470,6 +1488,7 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
     ae_cnt[0] = 0
     dtop[0] = donor
     n_acc = 0
+    n_rng = 0
     n_rec = 0
     n_ae = 0
     visited = 0
@@ -1483,9 +1502,9 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
         k0 = absorb[d - 1]
         if k0 != 0 and _bulk_ok(sub_bytes, utf8_valid, i, absorb_ascii[d - 1, 0], absorb_ascii[d - 1, 1], k0,
                                 absorb_u[d - 1]):
-            for k in range(trie_tok_ptr[i], trie_tok_ptr[i + trie_subtree[i]]):
-                acc[n_acc] = trie_tok_ids[k]
-                n_acc += 1
+            lo, hi = trie_tok_ptr[i], trie_tok_ptr[i + trie_subtree[i]]
+            n_rng = _put_range(acc_lo, acc_hi, n_rng, lo, hi)
+            n_acc += hi - lo
             i += trie_subtree[i]
             continue
         cnt = ae_cnt[d - 1]
@@ -1512,10 +1531,12 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
                 ends = end_null[y] and (sl == 0 or sen[d, sl - 1])
                 if y == y2 and sl == 0 and a == 0 and entry[d - 1] == 0:
                     end = i + trie_subtree[i]
-                    n_acc, n_rec, n_ae = _copy_subtree(i, end, trie_tok_ptr, trie_tok_ids, dbits, d_node, d_ptr, d_ae,
-                                                       acc, n_acc, rec_node, rec_ae_ptr, rec_ae, n_rec, n_ae)
-                    if n_acc < 0:
+                    added, n_rng, n_rec, n_ae = _copy_subtree(i, end, trie_tok_ptr, d_lo, d_hi, d_node, d_ptr, d_ae,
+                                                              acc_lo, acc_hi, n_rng, rec_node, rec_ae_ptr, rec_ae,
+                                                              n_rec, n_ae)
+                    if added < 0:
                         return AE_FULL
+                    n_acc += added
                     i = end
                     continue
                 if y2 >= 0 and ends == end_null[y2]:
@@ -1596,33 +1617,34 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
             absorb[d] = _absorption_memo(G, K, first, end_null, utf8, stk, sen, d, top[d], stk_len[d], anchor[d], False,
                                          scratch, pair_u, pair_top, pair_sl, sets, slots, memo_key, memo_val,
                                          memo_stamp, absorb_ascii[d])[0]
-        for k in range(trie_tok_ptr[i], trie_tok_ptr[i + 1]):
-            acc[n_acc] = trie_tok_ids[k]
-            n_acc += 1
+        n_rng = _put_range(acc_lo, acc_hi, n_rng, trie_tok_ptr[i], trie_tok_ptr[i + 1])
+        n_acc += trie_tok_ptr[i + 1] - trie_tok_ptr[i]
         i += 1
     out[0] = n_acc
     out[1] = n_rec
     out[2] = n_ae
     out[3] = visited
+    out[5] = n_rng
     return 1
 
 
 @numba.njit(**_KERNEL)
 def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, cls_dist, cls_number, cls_mark,
                     cls_queue, cls_meta, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte, trie_depth, trie_subtree,
-                    trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta,
+                    trie_tok_ptr, sub_bytes, utf8_valid, utf8, st, org, row_ptr, ht_key, ht_gen, meta,
                     max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk, ae_cnt, ae_stack, absorb,
                     absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, slots, memo_key, memo_val, memo_stamp, share,
                     share_ascii,
-                    share_top, share_sl, share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, out, dtop,
-                    donor, dbits, d_ok, d_rec, d_node, d_ptr, d_ae):
+                    share_top, share_sl, share_u, share_stk, acc_lo, acc_hi, rec_node, rec_ae_ptr, rec_ae, out, dtop,
+                    donor, d_lo, d_hi, d_rp, d_ok, d_rec, d_node, d_ptr, d_ae):
     """:func:`_classify_kernel` for each band in ``bands``, in one call.
 
-    Band b writes its accepted ids at ``acc[tok_lo[b]:]``, its records at ``rec_node[node_lo[b]:]``
+    Band b writes its accepted ranges at ``acc_lo[tok_lo[b]:]`` / ``acc_hi[tok_lo[b]:]`` (a band of
+    n tokens has at most n ranges), its records at ``rec_node[node_lo[b]:]``
     and ``rec_ae_ptr[node_lo[b] + b:]``, its end positions at ``rec_ae[out[j, 4]:]``; ``out[j]``
-    gets (n_acc, n_rec, n_ae, visited, end positions offset) of ``bands[j]``, with n_acc = -1 when
-    that band's sub-chart hit the item limit. ``share*`` is scratch for :func:`_classify_kernel`.
-    ``donor`` (or -1) classified ``bands[j]`` as ``dbits[j]`` and records ``d_rec[j]:d_rec[j + 1]`` of
+    gets (n_acc, n_rec, n_ae, visited, end positions offset, n_ranges) of ``bands[j]``, with n_acc = -1
+    when that band's sub-chart hit the item limit. ``share*`` is scratch for :func:`_classify_kernel`.
+    ``donor`` (or -1) classified ``bands[j]`` as the ranges ``d_rp[j]:d_rp[j + 1]`` of ``d_lo``/``d_hi`` and records ``d_rec[j]:d_rec[j + 1]`` of
     ``d_node`` / ``d_ptr`` / ``d_ae``, if ``d_ok[j]`` (not when that band hit its item limit). ``classes[b]`` caches the horizon classes of band b's horizon
     (:func:`_class_of`, with the ``cls_*`` scratch). Bands run from the longest horizon down, so
     one closed-set search at the root serves every band of a shorter horizon. Returns 1, or
@@ -1648,13 +1670,14 @@ def _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, c
              bmask)
         dj = donor if d_ok[j] != 0 else -1
         status = _classify_kernel(G, K, flags, first, end_null, s, node_lo[b], node_hi[b], trie_byte, trie_depth,
-                                  trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st, org, row_ptr,
+                                  trie_subtree, trie_tok_ptr, sub_bytes, utf8_valid, utf8, st, org, row_ptr,
                                   ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen, pathb, endk,
                                   ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets, slots,
                                   memo_key, memo_val,
                                   memo_stamp * 16 + j, share, share_ascii, share_top, share_sl, share_u, share_stk,
-                                  acc[tok_lo[b]:], rec_node[node_lo[b]:], rec_ae_ptr[node_lo[b] + b:], rec_ae[ae_off:],
-                                  out[j], dj, dtop, dbits[j], d_node[d_rec[j]:d_rec[j + 1]],
+                                  acc_lo[tok_lo[b]:], acc_hi[tok_lo[b]:], rec_node[node_lo[b]:],
+                                  rec_ae_ptr[node_lo[b] + b:], rec_ae[ae_off:], out[j], dj, dtop,
+                                  d_lo[d_rp[j]:d_rp[j + 1]], d_hi[d_rp[j]:d_rp[j + 1]], d_node[d_rec[j]:d_rec[j + 1]],
                                   d_ptr[d_rec[j]:d_rec[j + 1] + 1], d_ae)
         if status == LIMIT:
             out[j, 0] = -1
@@ -1755,13 +1778,19 @@ def _merge_accepted(parts, ids, band_bits, text_bits, n_text):
     return ACC_BITS, words
 
 
+_SORT_MAX = 256  # id lists up to this long are sorted; longer ones go through a bitset (a pass over V/32 words)
+
+
 @numba.njit(cache=True, nogil=True)
-def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node, rec_ae_ptr, rec_ae, words):
+def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, trie_tok_ids, acc_lo, acc_hi, rec_node, rec_ae_ptr, rec_ae,
+                words):
     """The band entries of one :func:`_classify_bands` call, from its scratch buffers into four flat arrays.
 
     Per band ``bands[j]`` (``counts[j] = (n_acc, n_rec, n_ae, visited, offset of its end positions
-    in rec_ae)``, n_acc = -1 after the item limit): its accepted set as sorted ids, itself (ACC_LIST) or the band's other tokens
-    (ACC_COMPLEMENT), whichever is shorter; its records and end positions. Returns ``(modes,
+    in rec_ae, n_ranges)``, n_acc = -1 after the item limit): its accepted set as sorted ids, itself
+    (ACC_LIST) or the band's other tokens (ACC_COMPLEMENT), whichever is shorter, read off its
+    accepted ranges of trie positions (the complement from the gaps between them, so a state that
+    accepts almost everything costs its few rejected tokens); its records and end positions. Returns ``(modes,
     ptr[j] = (acc, rec, rec_ae_ptr, rec_ae) offsets into the four arrays, accepted, records,
     record pointers, end positions)``. A band past the item limit gets the conservative entry:
     nothing accepted, its whole trie one unconditional record. ``words`` is zeroed scratch of at
@@ -1794,19 +1823,32 @@ def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node
         if n < 0:
             out_rec[ptr[j, 1]] = node_lo[b]
             continue
-        lo = tok_lo[b]
-        k = ptr[j, 0]
-        if modes[j] == ACC_LIST and n <= 4096:
-            out_acc[k:k + n] = np.sort(acc[lo:lo + n])
-        elif n > 0:
-            # Large sets: marked in the words and read back in id order, one pass over the words.
-            for i in range(lo, lo + n):
-                t = acc[i]
+        lo, m = tok_lo[b], counts[j, 5]
+        k, c = ptr[j, 0], ptr[j + 1, 0] - ptr[j, 0]
+        q = k
+        if modes[j] == ACC_LIST:
+            for r in range(lo, lo + m):
+                for p in range(acc_lo[r], acc_hi[r]):
+                    out_acc[q] = trie_tok_ids[p]
+                    q += 1
+        elif modes[j] == ACC_COMPLEMENT:
+            prev = lo
+            for r in range(lo, lo + m + 1):
+                for p in range(prev, acc_lo[r] if r < lo + m else tok_hi[b]):
+                    out_acc[q] = trie_tok_ids[p]
+                    q += 1
+                if r < lo + m:
+                    prev = acc_hi[r]
+        if c <= _SORT_MAX:
+            out_acc[k:k + c] = np.sort(out_acc[k:k + c])
+        else:
+            # Larger sets: marked in the words and read back in id order, one pass over the words.
+            for i in range(k, k + c):
+                t = out_acc[i]
                 words[t >> 5] |= one << np.uint32(t & 31)
-            keep = modes[j] == ACC_LIST
-            for w in range(band_bits.shape[1]):
-                k = _put_bits(out_acc, k, w, words[w] if keep else band_bits[b, w] & ~words[w])
-            words[:band_bits.shape[1]] = 0
+            for w in range(words.shape[0]):
+                k = _put_bits(out_acc, k, w, words[w])
+            words[:] = 0
         n_rec, n_ae = counts[j, 1], counts[j, 2]
         r, pl = ptr[j, 1], node_lo[b] + b
         out_rec[r:r + n_rec] = rec_node[node_lo[b]:node_lo[b] + n_rec]
@@ -1817,13 +1859,13 @@ def _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits, acc, rec_node
 
 @numba.njit(cache=True, nogil=True)
 def _classify_and_pack(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, cls_dist, cls_number, cls_mark,
-                       cls_queue, cls_meta, flags, first, end_null, node_lo, node_hi, tok_lo, tok_hi, band_bits,
+                       cls_queue, cls_meta, flags, first, end_null, node_lo, node_hi, tok_lo, tok_hi,
                        trie_byte, trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8,
                        st, org, row_ptr, ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen,
                        pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl, sets,
-                       slots, memo_key, memo_val, share, share_ascii, share_top, share_sl, share_u, share_stk, acc,
-                       rec_node, rec_ae_ptr, rec_ae, words, dtop, s, bands, memo_stamp, counts, donor, dbits,
-                       d_ok, d_rec, d_node, d_ptr, d_ae):
+                       slots, memo_key, memo_val, share, share_ascii, share_top, share_sl, share_u, share_stk, acc_lo,
+                       acc_hi, rec_node, rec_ae_ptr, rec_ae, words, dtop, s, bands, memo_stamp, counts, donor, d_lo,
+                       d_hi, d_rp, d_ok, d_rec, d_node, d_ptr, d_ae):
     """:func:`_classify_bands` then, if it finished, :func:`_pack_bands`, in one call: (status, packed...).
 
     The arguments that stay the same from one first visit to the next come first, so a caller
@@ -1832,17 +1874,17 @@ def _classify_and_pack(G, minlen, rule_end, classes, reps, bcls, bmask, horizons
     """
     status = _classify_bands(G, minlen, rule_end, classes, reps, bcls, bmask, horizons, cls_dist, cls_number, cls_mark,
                              cls_queue, cls_meta, flags, first, end_null, s, bands, node_lo, node_hi, tok_lo, trie_byte,
-                             trie_depth, trie_subtree, trie_tok_ptr, trie_tok_ids, sub_bytes, utf8_valid, utf8, st,
+                             trie_depth, trie_subtree, trie_tok_ptr, sub_bytes, utf8_valid, utf8, st,
                              org, row_ptr, ht_key, ht_gen, meta, max_items, top, anchor, entry, stk_len, stk, sen,
                              pathb, endk, ae_cnt, ae_stack, absorb, absorb_ascii, absorb_u, pair_u, pair_top, pair_sl,
                              sets, slots, memo_key, memo_val, memo_stamp, share, share_ascii, share_top, share_sl,
-                             share_u, share_stk, acc, rec_node, rec_ae_ptr, rec_ae, counts, dtop, donor,
-                             dbits, d_ok, d_rec, d_node, d_ptr, d_ae)
+                             share_u, share_stk, acc_lo, acc_hi, rec_node, rec_ae_ptr, rec_ae, counts, dtop, donor,
+                             d_lo, d_hi, d_rp, d_ok, d_rec, d_node, d_ptr, d_ae)
     if status != 1:
         z = np.zeros(0, np.int32)
         return status, np.zeros(0, np.int64), np.zeros((1, 4), np.int64), z, z, z, np.zeros(0, np.uint16)
-    modes, ptr, out_acc, out_rec, out_rap, out_ae = _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, band_bits,
-                                                                acc, rec_node, rec_ae_ptr, rec_ae, words)
+    modes, ptr, out_acc, out_rec, out_rap, out_ae = _pack_bands(counts, bands, node_lo, tok_lo, tok_hi, trie_tok_ids,
+                                                                acc_lo, acc_hi, rec_node, rec_ae_ptr, rec_ae, words)
     return status, modes, ptr, out_acc, out_rec, out_rap, out_ae
 
 
@@ -1985,6 +2027,8 @@ class Forest:
         self.trie_tok_ptr = np.concatenate([p[3][:-1] + tok_base[k] for k, p in enumerate(parts)] + [tok_base[-1:]]).astype(np.int32)
         self.trie_tok_ids = np.concatenate([p[4] for p in parts]).astype(np.int32)
         self.token_node = np.full(info.vocab_size, -1, np.int32)
+        self.tok_pos = np.full(info.vocab_size, -1, np.int32)  # trie position of each text token
+        self.tok_pos[self.trie_tok_ids] = np.arange(self.trie_tok_ids.shape[0], dtype=np.int32)
         for k, p in enumerate(parts):
             mine = p[5] >= 0
             self.token_node[mine] = p[5][mine] + node_base[k]
@@ -2175,7 +2219,9 @@ class _Scratch:
         self.share_top, self.share_sl, self.share_u = (np.zeros(_PAIRS, np.int64) for _ in range(3))
         self.share_stk = np.zeros((_PAIRS, STACK_MAX + 1), np.int32)
         self.stamp = 0
-        self.acc = np.empty(int(forest.band_tok_hi[-1]), np.int32)  # band b at band_tok_lo[b]
+        # Accepted ranges of trie positions, band b's at band_tok_lo[b] (a band of n tokens has at most n).
+        self.acc_lo = np.empty(int(forest.band_tok_hi[-1]), np.int32)
+        self.acc_hi = np.empty(int(forest.band_tok_hi[-1]), np.int32)
         self.rec_node = np.empty(int(forest.node_hi[-1]), np.int32)  # band b at node_lo[b]
         self.rec_ae_ptr = np.zeros(int(forest.node_hi[-1]) + len(forest.bands), np.int32)  # at node_lo[b] + b
         self.rec_ae = np.empty(4096, np.uint16)
@@ -2222,15 +2268,15 @@ class _Scratch:
         self.rule_capacity(int((rule_end - G[0]).max(initial=1)))
         args = (G, minlen, rule_end, cls, reps, bcls, bmask, forest.horizons, self.cls_dist, self.cls_number,
                 self.cls_mark, self.cls_queue, self.cls_meta, flags, first, end_null, forest.node_lo, forest.node_hi,
-                forest.band_tok_lo, forest.band_tok_hi, forest.band_bits, forest.trie_byte, forest.trie_depth,
+                forest.band_tok_lo, forest.band_tok_hi, forest.trie_byte, forest.trie_depth,
                 forest.trie_subtree, forest.trie_tok_ptr, forest.trie_tok_ids, forest.sub_bytes, forest.utf8_valid,
                 UTF8, self.st, self.org, self.row_ptr, self.ht_key, self.ht_gen, self.meta, int(max_items), self.top,
                 self.anchor, self.entry, self.stk_len, self.stk, self.sen, self.pathb, self.endk, self.ae_cnt,
                 self.ae_stack, self.absorb, self.absorb_ascii, self.absorb_u, self.pair_u, self.pair_top,
                 self.pair_sl, self.sets, self.slots, self.memo_key, self.memo_val, self.share, self.share_ascii,
-                self.share_top, self.share_sl, self.share_u, self.share_stk, self.acc, self.rec_node, self.rec_ae_ptr,
-                self.rec_ae, self.words, self.dtop)
-        f = _compiled(_classify_and_pack, (*args, np.int32(0), np.zeros(1, np.int64), 0, np.zeros((1, 5), np.int64),
+                self.share_top, self.share_sl, self.share_u, self.share_stk, self.acc_lo, self.acc_hi, self.rec_node,
+                self.rec_ae_ptr, self.rec_ae, self.words, self.dtop)
+        f = _compiled(_classify_and_pack, (*args, np.int32(0), np.zeros(1, np.int64), 0, np.zeros((1, 6), np.int64),
                                            *_no_donor(1)))
         self._bound = (G, flags, first if sets is not None else None, end_null if sets is not None else None,
                        classes, max_items, f, args)
@@ -2251,34 +2297,63 @@ def _scratch(forest: Forest, max_token_len: int) -> _Scratch:
 def _no_donor(n_bands: int) -> tuple:
     """The donor arguments of :func:`_classify_and_pack` for no donor (made once per band count: the
     kernel only reads them)."""
-    return (-1, np.zeros((n_bands, 1), np.uint32), np.zeros(n_bands, np.int64), np.zeros(n_bands + 1, np.int64),
-            np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.uint16))
+    z = np.zeros(0, np.int32)
+    return (-1, z, z, np.zeros(n_bands + 1, np.int64), np.zeros(n_bands, np.int64), np.zeros(n_bands + 1, np.int64),
+            z, np.zeros(1, np.int64), np.zeros(0, np.uint16))
+
+
+@numba.njit(cache=True, nogil=True)
+def _accepted_ranges(mode, ids, tok_pos, lo, hi):
+    """A band entry's accepted set (``ids``: the accepted tokens for ACC_LIST, the band's others for
+    ACC_COMPLEMENT) as sorted, disjoint ranges of trie positions in ``lo .. hi``: (starts, ends)."""
+    n = ids.shape[0]
+    words = np.zeros((hi - lo) // 32 + 1, np.uint32)  # the positions sorted through a bitset
+    for k in range(n):
+        p = tok_pos[ids[k]] - lo
+        words[p >> 5] |= np.uint32(1) << np.uint32(p & 31)
+    pos = np.empty(n, np.int64)
+    k = 0
+    for w in range(words.shape[0]):
+        k = _put_bits(pos, k, w, words[w])
+    pos += lo
+    r_lo = np.empty(n + 1, np.int32)
+    r_hi = np.empty(n + 1, np.int32)
+    m = 0
+    if mode == ACC_LIST:
+        for p in pos:
+            m = _put_range(r_lo, r_hi, m, p, p + 1)
+    elif mode == ACC_COMPLEMENT:
+        prev = lo
+        for p in pos:
+            m = _put_range(r_lo, r_hi, m, prev, p)
+            prev = p + 1
+        m = _put_range(r_lo, r_hi, m, prev, hi)
+    return r_lo[:m], r_hi[:m]
 
 
 def _donor_args(forest: Forest, donor: int, parts: list[StateMasks], bands: np.ndarray) -> tuple:
     """The donor arguments of :func:`_classify_and_pack` for ``bands`` from the donor's band entries
-    ``parts`` (all bands): accepted sets as bitsets, records concatenated."""
-    W = forest.band_bits.shape[1]
-    dbits = np.zeros((bands.shape[0], W), np.uint32)
+    ``parts`` (all bands): accepted sets as ranges of trie positions (CSR), records concatenated."""
     ok = np.zeros(bands.shape[0], np.int64)
     rec = np.zeros(bands.shape[0] + 1, np.int64)
-    nodes, ptrs, aes = [], [np.zeros(1, np.int64)], []
+    rp = np.zeros(bands.shape[0] + 1, np.int64)
+    los, his, nodes, ptrs, aes = [], [], [], [np.zeros(1, np.int64)], []
     n_ae = 0
     for j, b in enumerate(bands.tolist()):
         e = parts[b]
         # A band past the item limit is one unconditional record at its root: nothing to copy from.
         ok[j] = not (e.rec_node.shape[0] == 1 and e.rec_node[0] == forest.node_lo[b])
-        if e.acc_mode == ACC_LIST:
-            dbits[j] = _id_bits(e.acc, W)
-        elif e.acc_mode == ACC_COMPLEMENT:
-            dbits[j] = forest.band_bits[b] & ~_id_bits(e.acc, W)
+        r_lo, r_hi = _accepted_ranges(e.acc_mode, e.acc, forest.tok_pos, forest.band_tok_lo[b], forest.band_tok_hi[b])
+        los.append(r_lo)
+        his.append(r_hi)
+        rp[j + 1] = rp[j] + r_lo.shape[0]
         rec[j + 1] = rec[j] + e.rec_node.shape[0]
         nodes.append(e.rec_node)
         ptrs.append(e.rec_ae_ptr[1:].astype(np.int64) + n_ae)
         aes.append(e.rec_ae)
         n_ae += e.rec_ae.shape[0]
-    return (donor, dbits, ok, rec, np.concatenate(nodes).astype(np.int32), np.concatenate(ptrs),
-            np.concatenate(aes).astype(np.uint16))
+    return (donor, np.concatenate(los), np.concatenate(his), rp, ok, rec, np.concatenate(nodes).astype(np.int32),
+            np.concatenate(ptrs), np.concatenate(aes).astype(np.uint16))
 
 
 def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable[int], max_token_len: int,
@@ -2304,7 +2379,7 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
     sc = _scratch(forest, max_token_len)
     f, args = sc.bound(G, flags, sets, classes, forest, max_items_per_row)
     sc.stamp += 1  # a new owner stamp for the absorption memo
-    counts = np.zeros((bands.shape[0], 5), np.int64)
+    counts = np.zeros((bands.shape[0], 6), np.int64)
     while True:
         status, modes, ptr, acc, rec_node, rec_ae_ptr, rec_ae = f(*args, np.int32(s), bands, sc.stamp, counts,
                                                                   *donor_args)
@@ -2324,7 +2399,7 @@ def classify_state(G, flags: np.ndarray, s: int, forest: Forest, bands: Iterable
     return [StateMasks(mode, acc[a0:a1], max(n_acc, 0), rec_node[r0:r1], rec_ae_ptr[q0:q1], rec_ae[e0:e1],
                        visited if n_acc >= 0 else 0, seconds)
             for mode, (n_acc, _, _, visited, _), (a0, r0, q0, e0), (a1, r1, q1, e1)
-            in zip(modes.tolist(), counts.tolist(), p, p[1:])]
+            in zip(modes.tolist(), (c[:5] for c in counts.tolist()), p, p[1:])]
 
 
 # ----------------------------------------------------------------------------------------------

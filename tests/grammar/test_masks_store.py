@@ -1,12 +1,15 @@
 """The mask cache's bookkeeping around the walk: band entries, merged entries, suffix tries, the shared store.
 
-The walk (tested against the brute-force oracle elsewhere) reports per band the accepted token ids
-and the dead subtrees below a possible rule end. These tests check the numba code that turns that
-into stored and pooled entries, against plain numpy/Python set arithmetic on random inputs:
+The walk (tested against the brute-force oracle elsewhere) reports per band the accepted tokens, as
+ranges of trie positions, and the dead subtrees below a possible rule end. These tests check the
+numba code that turns that into stored and pooled entries, against plain numpy/Python set
+arithmetic on random inputs:
 
 * ``_pack_bands``: each band's accepted set comes back as exactly the accepted ids (ACC_LIST) or
   exactly the band's other tokens (ACC_COMPLEMENT), whichever is shorter, sorted; records and end
   positions are copied unchanged; a band past the item limit gets the conservative entry;
+* ``_accepted_ranges``: a stored band entry turns back into the ranges of trie positions of exactly
+  its accepted tokens (what a donor's results are copied from);
 * ``_merge_accepted``: the stored union equals the union of the band sets, in the cheapest form;
 * ``_suffix_block``: the trie holds exactly the suffixes ``token[end:]`` of every (token, end) pair,
   in preorder with byte-sorted children, and is absent when a record is unconditional or too large;
@@ -36,6 +39,7 @@ from stencil.grammar.masks import (
     ACC_LIST,
     ACC_NONE,
     StateMasks,
+    _accepted_ranges,
     _Keys,
     _merge_accepted,
     _pack_bands,
@@ -67,6 +71,17 @@ def decode(mode, data, text):
     return ids if mode == ACC_LIST else text - ids
 
 
+def position_ranges(forest, ids):
+    """Sorted, disjoint, non-adjacent (start, end) ranges of the trie positions of ``ids``, in plain Python."""
+    out: list[list[int]] = []
+    for p in sorted(forest.tok_pos[ids].tolist()):
+        if out and out[-1][1] == p:
+            out[-1][1] = p + 1
+        else:
+            out.append([p, p + 1])
+    return out
+
+
 def random_subset(rng, tokens, kind):
     """Empty, tiny, about half, or almost all of ``tokens``: the regimes that pick different storage."""
     n = tokens.shape[0]
@@ -82,17 +97,20 @@ def test_packed_band_entries_are_the_walk_output(seed, kinds, limit):
     rng = np.random.default_rng(seed)
     bands = np.arange(min(len(kinds), len(forest.bands)), dtype=np.int64)
     nb = bands.shape[0]
-    acc = np.zeros(int(forest.band_tok_hi[-1]), np.int32)
+    acc_lo = np.zeros(int(forest.band_tok_hi[-1]), np.int32)
+    acc_hi = np.zeros(int(forest.band_tok_hi[-1]), np.int32)
     rec_node = np.zeros(int(forest.node_hi[-1]), np.int32)
     rec_ae_ptr = np.zeros(int(forest.node_hi[-1]) + nb, np.int32)
     rec_ae = np.zeros(4096, np.uint16)
-    counts = np.zeros((nb, 5), np.int64)  # the fifth column: where the band's end positions start in rec_ae
+    counts = np.zeros((nb, 6), np.int64)  # columns 5, 6: where the band's end positions start in rec_ae, its ranges
     want = []
     ae_off = 0
     for j, b in enumerate(bands.tolist()):
         accepted = random_subset(rng, band_tokens(forest, b), kinds[j])
         lo = int(forest.band_tok_lo[b])
-        acc[lo:lo + accepted.shape[0]] = accepted  # the walk writes them in trie order, not sorted
+        ranges = position_ranges(forest, accepted)  # the walk writes ranges of trie positions, in trie order
+        acc_lo[lo:lo + len(ranges)] = [r[0] for r in ranges]
+        acc_hi[lo:lo + len(ranges)] = [r[1] for r in ranges]
         n_rec = int(rng.integers(0, 5))
         nodes = np.sort(rng.choice(np.arange(forest.node_lo[b], forest.node_hi[b]), n_rec, replace=False)).astype(np.int32)
         ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 4, n_rec))]).astype(np.int32)
@@ -100,17 +118,17 @@ def test_packed_band_entries_are_the_walk_output(seed, kinds, limit):
         rec_node[forest.node_lo[b]:forest.node_lo[b] + n_rec] = nodes
         rec_ae_ptr[forest.node_lo[b] + b:forest.node_lo[b] + b + n_rec + 1] = ptr
         if j == limit:  # this band's sub-chart hit the item limit
-            counts[j] = (-1, 0, 0, 0, 0)
+            counts[j] = (-1, 0, 0, 0, 0, 0)
             want.append(None)
             continue
         rec_ae[ae_off:ae_off + ends.shape[0]] = ends
-        counts[j] = (accepted.shape[0], n_rec, ends.shape[0], 7, ae_off)
+        counts[j] = (accepted.shape[0], n_rec, ends.shape[0], 7, ae_off, len(ranges))
         ae_off += ends.shape[0]
         want.append((set(accepted.tolist()), nodes, ptr, ends))
     words = np.zeros(forest.token_node.shape[0] // 32 + 1, np.uint32)
     modes, p, out_acc, out_rec, out_rap, out_ae = _pack_bands(counts, bands, forest.node_lo, forest.band_tok_lo,
-                                                              forest.band_tok_hi, forest.band_bits, acc, rec_node,
-                                                              rec_ae_ptr, rec_ae, words)
+                                                              forest.band_tok_hi, forest.trie_tok_ids, acc_lo, acc_hi,
+                                                              rec_node, rec_ae_ptr, rec_ae, words)
     assert not words.any()
     for j, b in enumerate(bands.tolist()):
         a = out_acc[p[j, 0]:p[j + 1, 0]]
@@ -129,6 +147,23 @@ def test_packed_band_entries_are_the_walk_output(seed, kinds, limit):
         else:
             assert modes[j] == ACC_COMPLEMENT and set(a.tolist()) == band - accepted
         assert recs.tolist() == nodes.tolist() and rap.tolist() == ptr.tolist() and ae.tolist() == ends.tolist()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), kind=st.integers(0, 3), b=st.integers(0, 3))
+def test_a_stored_entry_gives_back_the_ranges_of_its_accepted_tokens(seed, kind, b):
+    forest = store().forest
+    b = b % len(forest.bands)
+    rng = np.random.default_rng(seed)
+    tokens = band_tokens(forest, b)
+    accepted = random_subset(rng, tokens, kind)
+    others = np.setdiff1d(tokens, accepted).astype(np.int32)
+    lo, hi = int(forest.band_tok_lo[b]), int(forest.band_tok_hi[b])
+    for mode, ids in ((ACC_LIST, np.sort(accepted)), (ACC_COMPLEMENT, others)):
+        r_lo, r_hi = _accepted_ranges(mode, ids, forest.tok_pos, lo, hi)
+        assert [[a, z] for a, z in zip(r_lo.tolist(), r_hi.tolist())] == position_ranges(forest, accepted)
+    r_lo, r_hi = _accepted_ranges(ACC_NONE, np.zeros(0, np.int32), forest.tok_pos, lo, hi)
+    assert r_lo.size == 0 and r_hi.size == 0
 
 
 @SETTINGS
