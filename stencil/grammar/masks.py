@@ -1350,6 +1350,24 @@ def _delegated(G, first, end_null, s, donor, stk, sen):
     return n >= _DELEGATE_MIN
 
 
+@numba.njit(cache=True, nogil=True)
+def _donor_state(edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, s):
+    """The state that s's byte edges reach on the most bytes, other than s, if those are at least
+    ``_DELEGATE_MIN`` (the smallest such state on a tie); else -1."""
+    best, best_w = -1, 0
+    for e in range(edge_ptr[s], edge_ptr[s + 1]):
+        t = edge_target[e]
+        if edge_rule[e] >= 0 or edge_hi[e] >= 256 or t == s:
+            continue
+        w = 0
+        for f in range(edge_ptr[s], edge_ptr[s + 1]):
+            if edge_target[f] == t and edge_rule[f] < 0 and edge_hi[f] < 256:
+                w += edge_hi[f] - edge_lo[f] + 1
+        if w > best_w or (w == best_w and t < best):
+            best, best_w = t, w
+    return best if best_w >= _DELEGATE_MIN else -1
+
+
 @numba.njit(**_KERNEL, inline="always")
 def _first_at_least(a, lo, hi, v):
     """The first index in ``lo..hi`` of sorted ``a`` whose value is at least v (hi if none)."""
@@ -2939,16 +2957,9 @@ class MaskCache:
 
     def _donor_of(self, s: int) -> int:
         """The state that s's byte edges reach for the most bytes, other than s, if those are at least
-        ``_DELEGATE_MIN``; else -1. The walk checks byte by byte which of them it can copy."""
+        ``_DELEGATE_MIN``; else -1 (:func:`_donor_state`). The walk checks byte by byte which of them it can copy."""
         g = self.grammar
-        e0, e1 = int(g.edge_ptr[s]), int(g.edge_ptr[s + 1])
-        byte = (g.edge_rule[e0:e1] < 0) & (g.edge_hi[e0:e1] < 256) & (g.edge_target[e0:e1] != s)
-        if not byte.any():
-            return -1
-        width = np.bincount(g.edge_target[e0:e1][byte] - int(g.edge_target[e0:e1][byte].min()),
-                            weights=(g.edge_hi[e0:e1] - g.edge_lo[e0:e1] + 1)[byte])
-        best = int(width.argmax())
-        return best + int(g.edge_target[e0:e1][byte].min()) if width[best] >= _DELEGATE_MIN else -1
+        return int(_donor_state(g.edge_ptr, g.edge_lo, g.edge_hi, g.edge_rule, g.edge_target, s))
 
     def ensure(self, states: Iterable[int]) -> None:
         """Compute and register the entries of ``states`` that are missing.
