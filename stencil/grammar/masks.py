@@ -697,6 +697,16 @@ def _viable_after_return(first, end_null, stk, d, sl, anchor, b):
     return anchor != 0
 
 
+@numba.njit(**_KERNEL, inline="always")
+def _step(G, first, end_null, x, stk, sen, d, sl, anchor, b):
+    """:func:`_stack_step`, with its commonest answer inlined: a byte outside FIRST(x) from a state that
+    cannot end without reading is dead (most children of a trie node are), and no tuple of arrays
+    is passed to a call for it."""
+    if not _has(first, x, b) and not end_null[x]:
+        return _DEAD, x, sl
+    return _stack_step(G, first, end_null, x, stk, sen, d, sl, anchor, b)
+
+
 @numba.njit(**_KERNEL)
 def _stack_step(G, first, end_null, x, stk, sen, d, sl, anchor, b):
     """Read byte b from the stack configuration (top state x, return states ``stk[d, :sl]``).
@@ -761,8 +771,16 @@ def _mix(h, v):
     return (h ^ np.uint64(np.int64(v) & 0xFFFFFFFFFFFF)) * np.uint64(0x100000001B3)
 
 
-@numba.njit(**_KERNEL)
+@numba.njit(**_KERNEL, inline="always")
 def _class_of(G, K, s):
+    """Horizon class of state s (:func:`_new_class`), read from the cache when known: inlined, so the
+    common case passes no tuple of arrays to a call."""
+    c = K[2][s]
+    return c if c != 0 else _new_class(G, K, s)
+
+
+@numba.njit(**_KERNEL)
+def _new_class(G, K, s):
     """Horizon class of state s: a 64-bit hash of what it reaches within K's horizon bytes in its rule.
 
     ``K = (rule minimum lengths, rule ends, class cache, horizon, dist, number, mark, queue, meta,
@@ -770,12 +788,10 @@ def _class_of(G, K, s):
     States of one grammar with equal classes behave identically on every string of at most
     ``horizon`` bytes (the serialization is the one of :func:`_state_key_bytes`, callees by rule
     id), so a configuration that reads a character into an equivalent one loops as far as the
-    band's tokens can tell. Computed on first use and cached (``class cache[s]``, 0 = not yet). A
+    band's tokens can tell. Computed on first use and cached in ``class cache[s]`` (0 = not yet; :func:`_class_of` reads it). A
     rule too large for the scratch gets classes of its own (no equivalence claimed).
     """
     minlen, rule_end, cache, horizon, dist, number, mark, queue, meta = K[:9]
-    if cache[s] != 0:
-        return cache[s]
     rule_start, rule_nullable, state_rule, state_final, edge_ptr, edge_lo, edge_hi, edge_rule, edge_target, root = G
     r = state_rule[s]
     base = rule_start[r]
@@ -870,7 +886,7 @@ def _copy_frames(stk, sen, src, dst, sl):
 def _loops(G, K, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
     """Does byte b take the stack configuration at depth d back to an equivalent one (see :func:`_class_of`)?"""
     _copy_frames(stk, sen, d, tmp, sl)
-    status, y, sl2 = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
+    status, y, sl2 = _step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
     return status == _SCANNED and sl2 == sl and _same_state(G, K, x, y) and _same_frames(G, K, stk, tmp, d, sl)
 
 
@@ -913,7 +929,7 @@ def _self_loops(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
             if nu < 0:
                 continue
             _copy_frames(stk, sen, scratch + 1 + p, tmp, pair_sl[p])
-            status, y, sl2 = _stack_step(G, first, end_null, pair_top[p], stk, sen, tmp, pair_sl[p], anchor, b)
+            status, y, sl2 = _step(G, first, end_null, pair_top[p], stk, sen, tmp, pair_sl[p], anchor, b)
             if status != _SCANNED:
                 return True, False
             if nu == 0:
@@ -976,7 +992,7 @@ def _survives_repeats(G, first, end_null, stk, sen, d, x, sl, anchor, scratch, s
     _copy_frames(stk, sen, d, tmp, sl)
     for _ in range(_REPEATS):
         for b in seq:
-            status, x, sl = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
+            status, x, sl = _step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
             if status == _DEAD:
                 return False
             if status == _COMPLEX:
@@ -1076,7 +1092,7 @@ def _absorption(G, K, first, end_null, utf8, stk, sen, d, x, sl, anchor, scratch
                     return 0, 0
                 mb = b >= 128 or u != 0  # this byte is part of a multi-byte character
                 _copy_frames(stk, sen, base + p, tmp, pair_sl[p])
-                status, y, sl2 = _stack_step(G, first, end_null, pair_top[p], stk, sen, tmp, pair_sl[p], anchor, b)
+                status, y, sl2 = _step(G, first, end_null, pair_top[p], stk, sen, tmp, pair_sl[p], anchor, b)
                 if status == _SCANNED:
                     h = _cfg_hash(G, K, nu, y, stk, tmp, sl2)
                     slot = h & (slots.shape[0] - 1)
@@ -1205,7 +1221,7 @@ def _widens(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, a0, a1):
         if _bit(a0, a1, b):
             continue
         _copy_frames(stk, sen, d, tmp, sl)
-        status, y, sl2 = _stack_step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
+        status, y, sl2 = _step(G, first, end_null, x, stk, sen, tmp, sl, anchor, b)
         if status != _SCANNED:
             continue
         reads_all = True
@@ -1215,7 +1231,7 @@ def _widens(G, K, first, end_null, stk, sen, d, x, sl, anchor, scratch, a0, a1):
             if not _bit(a0, a1, c):
                 continue
             _copy_frames(stk, sen, tmp, nxt, sl2)
-            status, z, sl3 = _stack_step(G, first, end_null, y, stk, sen, nxt, sl2, anchor, c)
+            status, z, sl3 = _step(G, first, end_null, y, stk, sen, nxt, sl2, anchor, c)
             if status != _SCANNED:
                 reads_all = False
                 break
@@ -1343,8 +1359,8 @@ def _delegated(G, first, end_null, s, donor, stk, sen):
     """
     n = 0
     for b in range(256):
-        st1, y1, sl1 = _stack_step(G, first, end_null, s, stk, sen, 1, 0, 0, b)
-        st2, y2, sl2 = _stack_step(G, first, end_null, donor, stk, sen, 1, 0, 0, b)
+        st1, y1, sl1 = _step(G, first, end_null, s, stk, sen, 1, 0, 0, b)
+        st2, y2, sl2 = _step(G, first, end_null, donor, stk, sen, 1, 0, 0, b)
         if st1 == _SCANNED and st2 == _SCANNED and y1 == y2 and sl1 == 0 and sl2 == 0:
             n += 1
     return n >= _DELEGATE_MIN
@@ -1535,7 +1551,7 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
         dtop[d] = -1
         y2 = -1
         if x >= 0 and dtop[d - 1] >= 0:
-            st2, y2, sl2 = _stack_step(G, first, end_null, dtop[d - 1], stk, sen, d, 0, 0, b)
+            st2, y2, sl2 = _step(G, first, end_null, dtop[d - 1], stk, sen, d, 0, 0, b)
             if st2 != _SCANNED or sl2 != 0:
                 y2 = -1
         if x >= 0:
@@ -1544,7 +1560,7 @@ def _classify_kernel(G, K, flags, first, end_null, s, node_lo, node_hi, trie_byt
                 stk[d, k] = stk[d - 1, k]
                 sen[d, k] = sen[d - 1, k]
             a = anchor[d - 1]
-            status, y, sl = _stack_step(G, first, end_null, x, stk, sen, d, sl, a, b)
+            status, y, sl = _step(G, first, end_null, x, stk, sen, d, sl, a, b)
             if status == _SCANNED:
                 ends = end_null[y] and (sl == 0 or sen[d, sl - 1])
                 if y == y2 and sl == 0 and a == 0 and entry[d - 1] == 0:
