@@ -882,7 +882,7 @@ def _copy_frames(stk, sen, src, dst, sl):
         sen[dst, k] = sen[src, k]
 
 
-@numba.njit(**_KERNEL)
+@numba.njit(**_KERNEL, inline="always")
 def _loops(G, K, first, end_null, stk, sen, d, x, sl, anchor, b, tmp):
     """Does byte b take the stack configuration at depth d back to an equivalent one (see :func:`_class_of`)?"""
     _copy_frames(stk, sen, d, tmp, sl)
@@ -985,7 +985,7 @@ _REPEATS = 3  # a character a closed set could add must survive this many repeti
 _PROBE = np.array([0xC3, 0xA9], np.int64)  # one multi-byte character (U+00E9): all of them must survive too
 
 
-@numba.njit(**_KERNEL)
+@numba.njit(**_KERNEL, inline="always")
 def _survives_repeats(G, first, end_null, stk, sen, d, x, sl, anchor, scratch, seq):
     """Could the configuration at depth d read ``seq`` _REPEATS times in a row? (True when unsure.)"""
     tmp = scratch
