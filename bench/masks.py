@@ -21,7 +21,8 @@ After the table it prints each engine's full garbage collections (count, longest
 ran one): such a collection holds the GIL throughout, so it shows in a step's time. ``--freeze-gc``
 freezes each engine's heap once the engine has loaded (``gc.collect(); gc.freeze()``), as vLLM's
 engine does after start-up: the collector then no longer walks the objects made by importing torch
-and the engines.
+and the engines. ``--no-warm-up`` turns off Stencil's background warm-up thread, which otherwise works
+on the schemas' remaining states while the other engines take their turns.
 
 Writes ``bench/results/masks-<tokenizer>.json`` (raw numbers) and ``masks-<tokenizer>-cdf.png``.
 """
@@ -81,15 +82,17 @@ class FullCollections:
                 self.pauses.append(time.perf_counter() - self._start)
 
 
-def worker(engine: str, tok_dir: str, vocab_size: int, model_s: float, freeze_gc: bool, conn) -> None:
-    """Serve (schema, token lists) jobs for one engine until told to stop; ``model_s``: untimed pause per step;
-    ``freeze_gc``: move every object alive after loading out of the collector's reach first."""
+def worker(engine: str, tok_dir: str, vocab_size: int, opts: dict, conn) -> None:
+    """Serve (schema, token lists) jobs for one engine until told to stop. ``opts``: ``model_s``, the
+    untimed pause per step; ``freeze_gc``, move every object alive after loading out of the collector's
+    reach first; ``warm_up``, Stencil's background warm-up on or off."""
+    model_s = opts["model_s"]
     try:
-        adapter = make_adapter(engine, Path(tok_dir), vocab_size)
+        adapter = make_adapter(engine, Path(tok_dir), vocab_size, warm_up=opts["warm_up"])
     except Exception as e:  # the engine is not installed or cannot load this tokenizer
         conn.send({"fatal": f"{type(e).__name__}: {e}"})
         return
-    if freeze_gc:  # what vLLM's engine does once it has started (vllm.utils.gc_utils.freeze_gc_heap)
+    if opts["freeze_gc"]:  # what vLLM's engine does once it has started (vllm.utils.gc_utils.freeze_gc_heap)
         gc.collect()
         gc.freeze()
     conn.send({"ready": True})
@@ -134,9 +137,8 @@ def worker(engine: str, tok_dir: str, vocab_size: int, model_s: float, freeze_gc
 class Engine:
     """A worker process for one engine, restarted after a timeout or crash."""
 
-    def __init__(self, name: str, tok_dir: Path, vocab_size: int, model_s: float = 0.0, freeze_gc: bool = False):
-        self.name, self.tok_dir, self.vocab_size, self.model_s = name, tok_dir, vocab_size, model_s
-        self.freeze_gc = freeze_gc
+    def __init__(self, name: str, tok_dir: Path, vocab_size: int, opts: dict):
+        self.name, self.tok_dir, self.vocab_size, self.opts = name, tok_dir, vocab_size, opts
         self.fatal = None
         self.peak_rss_mb = 0.0
         self._start()
@@ -144,8 +146,8 @@ class Engine:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker, args=(self.name, str(self.tok_dir), self.vocab_size, self.model_s,
-                                                           self.freeze_gc, child), daemon=True)
+        self.proc = ctx.Process(target=worker, args=(self.name, str(self.tok_dir), self.vocab_size, self.opts, child),
+                                daemon=True)
         self.proc.start()
         if not self.conn.poll(300):
             self.fatal = "worker did not start in 300 s"
@@ -200,6 +202,8 @@ def main() -> None:
                          "(default 0: back to back)")
     ap.add_argument("--freeze-gc", action="store_true",
                     help="in every engine's process, gc.freeze() once the engine has loaded, as vLLM's engine does")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="turn off Stencil's background mask warm-up (it then computes every state on first visit)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
     if args.model_ms < 0:
@@ -217,7 +221,8 @@ def main() -> None:
     engines = {}
     for name in names:
         print(f"starting {name} ...", file=sys.stderr, flush=True)
-        engines[name] = Engine(name, tok_dir, vocab_size, args.model_ms / 1e3, args.freeze_gc)
+        opts = {"model_s": args.model_ms / 1e3, "freeze_gc": args.freeze_gc, "warm_up": not args.no_warm_up}
+        engines[name] = Engine(name, tok_dir, vocab_size, opts)
         if engines[name].fatal:
             print(f"  {name} unavailable: {engines[name].fatal}", file=sys.stderr)
 
@@ -269,7 +274,8 @@ def main() -> None:
                         "total_ms": 1e3 * sum(r["gc_s"]), "in_steps": r["gc_steps"]},
         }
     gap = (f", {args.model_ms:g} ms model time per step" if args.model_ms else "") + \
-        (", heaps frozen after loading" if args.freeze_gc else "")
+        (", heaps frozen after loading" if args.freeze_gc else "") + \
+        (", Stencil's warm-up off" if args.no_warm_up else "")
     print(f"\n{len(records)} schemas, tokenizer {args.tokenizer} (vocab {vocab_size}){gap}, times in ms")
     header = f"{'engine':<11} {'mask p50':>9} {'p90':>8} {'p99':>8} {'p99.9':>8} {'max':>8} | {'TTFM p50':>9} {'p90':>8} {'p99':>8} {'max':>8} | {'RSS MB':>7} | failures"
     print(header)

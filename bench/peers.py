@@ -29,11 +29,11 @@ def load_hf_tokenizer(path: Path):
 class Stencil:
     name = "stencil"
 
-    def __init__(self, tok_dir: Path, model_vocab_size: int):
+    def __init__(self, tok_dir: Path, model_vocab_size: int, warm_up: bool = True):
         import stencil as st
 
         self.info = st.TokenizerInfo.from_file(tok_dir, vocab_size=model_vocab_size)
-        self.compiler = st.GrammarCompiler(self.info)
+        self.compiler = st.GrammarCompiler(self.info, warm_up=warm_up)
         self._matcher = st.GrammarMatcher
         self.vocab_size = model_vocab_size
 
@@ -143,7 +143,10 @@ class Outlines:
 ADAPTERS = {"stencil": Stencil, "xgrammar": XGrammar, "llguidance": LLGuidance, "outlines": Outlines}
 
 
-def make_adapter(name: str, tok_dir: Path, model_vocab_size: int):
+def make_adapter(name: str, tok_dir: Path, model_vocab_size: int, warm_up: bool = True):
+    """``warm_up=False`` turns off Stencil's background mask warm-up (the peers have none to turn off)."""
+    if name == "stencil":
+        return Stencil(tok_dir, model_vocab_size, warm_up)
     return ADAPTERS[name](tok_dir, model_vocab_size)
 
 
