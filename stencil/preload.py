@@ -6,7 +6,7 @@ Without this, the first grammar a process compiles pays all of it inside its fir
 kernel first needed later (the structure table growing) pays it inside a decode step. :func:`load_kernels` runs a small workload that reaches them
 instead: a regex, an EBNF grammar and a JSON Schema with the constructs that take distinct kernel
 paths compiled, and an instance of the schema decoded token by token (fills, batch fill,
-``try_token``, rollback).
+``try_token``, rollback), and the background warm-up's own kernels.
 
 :class:`~stencil.grammar.compiler.GrammarCompiler` calls it when constructed (``load_kernels=True``,
 the default). The workload's grammars go through a private compiler without a disk cache; their
@@ -79,4 +79,7 @@ def _run(info: TokenizerInfo) -> None:
     else:
         m.accept_bytes(data)
     fill_next_token_bitmasks([m, GrammarMatcher(cg)], bitmask)
-    cg.mask_cache.lookup_states()  # what the background warm-up starts with
+    # What the background warm-up starts with. Loaded here, not on the warm-up thread: a load holds
+    # the GIL (about 10 ms for _frontier), which would land in whatever decode step is running.
+    cg.mask_cache.lookup_states()
+    cg.mask_cache.frontier()

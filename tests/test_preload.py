@@ -2,9 +2,10 @@
 
 Each case runs in a fresh interpreter (this one has loaded the kernels already) that records every
 kernel of ours numba loads or compiles, and when: while the compiler is constructed, or afterwards,
-while MaskBench schemas, a regex and a Lark grammar are compiled and real instances decoded token by
-token. With ``load_kernels=True`` nothing may load afterwards; with ``load_kernels=False`` the same
-workload must load kernels afterwards (else the recording would prove nothing).
+while MaskBench schemas, a regex and a Lark grammar are compiled, real instances decoded token by
+token and the background warm-up's first calls made. With ``load_kernels=True`` nothing may load
+afterwards; with ``load_kernels=False`` the same workload must load kernels afterwards (else the
+recording would prove nothing).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ for schema, text in cases:
         m.fill_next_token_bitmask(bitmask, 0)
 from stencil.decode.matcher import fill_next_token_bitmasks
 fill_next_token_bitmasks([m, st.GrammarMatcher(m.compiled)], st.allocate_token_bitmask(2, info.vocab_size))
+m.compiled.mask_cache.frontier()  # the background warm-up's first call (the thread is off here)
+m.compiled.mask_cache.lookup_states()
 print(json.dumps({"loads": loads, "accepted": accepted, "tokens": tokens}))
 """
 
