@@ -16,9 +16,7 @@ classes computed on first use, cold caches) that ``bench/mask_steps.py`` include
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,8 +25,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from masks import SHARED, load_records  # noqa: E402
+from masks import load_records  # noqa: E402
 from peers import load_hf_tokenizer  # noqa: E402
+import replay  # noqa: E402
 
 import stencil as st  # noqa: E402
 import stencil.grammar.masks as stencil_masks  # noqa: E402
@@ -36,17 +35,12 @@ from stencil.errors import StencilError  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default="llama3")
-    ap.add_argument("--n", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = replay.arguments(__doc__)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    if args.n < 1 or args.repeats < 1:
-        ap.error("--n and --repeats must be at least 1")
-    tok_dir = SHARED / "tokenizers" / args.tokenizer
-    if not tok_dir.is_dir():
-        ap.error(f"no tokenizer {args.tokenizer!r} in {tok_dir.parent}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, not {args.repeats}")
+    tok_dir = replay.tokenizer_dir(ap, args)
 
     calls = []  # (args, keyword args, trie nodes visited)
     classify = stencil_masks.classify_state
@@ -71,7 +65,7 @@ def main() -> None:
             except StencilError:
                 continue
             m.fill_next_token_bitmask(bitmask, 0)
-            for t in hf.encode(json.dumps(rec["instances"][0]), add_special_tokens=False):
+            for t in replay.first_instance_ids(hf, rec):
                 if not m.accept_token(t):
                     break
                 m.fill_next_token_bitmask(bitmask, 0)

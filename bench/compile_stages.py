@@ -14,7 +14,6 @@ since later passes find the shared mask store warm.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from masks import SHARED, load_records  # noqa: E402
+from masks import load_records  # noqa: E402
+import replay  # noqa: E402
 
 import stencil as st  # noqa: E402
 from stencil.grammar import ir, json_schema  # noqa: E402
@@ -36,15 +36,12 @@ STAGES = ("frontend (schema -> IR)", "IR build (automata, arrays)", "productive 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default="llama3")
-    ap.add_argument("--n", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = replay.arguments(__doc__)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, help="write the per-schema numbers as JSON")
     args = ap.parse_args()
 
-    tok_dir = SHARED / "tokenizers" / args.tokenizer
+    tok_dir = replay.tokenizer_dir(ap, args)
     meta = json.loads((tok_dir / "meta.json").read_text())
     info = st.TokenizerInfo.from_file(tok_dir, vocab_size=meta["model_vocab_size"])
     records = load_records(args.n, args.seed)

@@ -11,34 +11,26 @@ the replay with their durations, and the tracked objects the replay left alive, 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from masks import SHARED, FullCollections, load_records  # noqa: E402
+from masks import FullCollections, load_records  # noqa: E402
 from peers import load_hf_tokenizer  # noqa: E402
+import replay  # noqa: E402
 
 import stencil as st  # noqa: E402
 from stencil.errors import StencilError  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default="llama3")
-    ap.add_argument("--n", type=int, default=90)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = replay.arguments(__doc__, n=90)
     ap.add_argument("--freeze-gc", action="store_true", help="gc.collect(); gc.freeze() after start-up")
     args = ap.parse_args()
-    if args.n < 1:
-        ap.error(f"--n must be at least 1, not {args.n}")
-    tok_dir = SHARED / "tokenizers" / args.tokenizer
-    if not (tok_dir / "tokenizer.json").is_file():
-        ap.error(f"no tokenizer {args.tokenizer!r} under {tok_dir.parent}")
+    tok_dir = replay.tokenizer_dir(ap, args)
     hf = load_hf_tokenizer(tok_dir)
     info = st.TokenizerInfo.from_file(tok_dir)
     compiler = st.GrammarCompiler(info, warm_up=False)
@@ -52,7 +44,7 @@ def main() -> None:
     records = load_records(args.n, args.seed)
     for i, rec in enumerate(records):
         print(f"\r[{i + 1}/{len(records)}]", end="", file=sys.stderr, flush=True)
-        ids = hf.encode(json.dumps(rec["instances"][0]), add_special_tokens=False)
+        ids = replay.first_instance_ids(hf, rec)
         try:
             m = st.GrammarMatcher(compiler.compile_json_schema(rec["schema"]))
         except StencilError:

@@ -11,7 +11,6 @@ disturbs the next schema's compile and steps. Wall time per accept + fill, and p
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,23 +21,21 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from masks import SHARED, load_records  # noqa: E402
+from masks import load_records  # noqa: E402
 from peers import load_hf_tokenizer  # noqa: E402
+import replay  # noqa: E402
 
 import stencil as st  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default="llama3")
-    ap.add_argument("--n", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = replay.arguments(__doc__)
     ap.add_argument("--gap-s", type=float, default=1.5, help="idle seconds after each schema")
     args = ap.parse_args()
     if args.gap_s < 0:
         ap.error(f"--gap-s must be 0 or more, not {args.gap_s:g}")
 
-    tok_dir = SHARED / "tokenizers" / args.tokenizer
+    tok_dir = replay.tokenizer_dir(ap, args)
     vocab_size = json.loads((tok_dir / "meta.json").read_text())["model_vocab_size"]
     hf = load_hf_tokenizer(tok_dir)
     info = st.TokenizerInfo.from_file(tok_dir, vocab_size=vocab_size)
@@ -48,7 +45,7 @@ def main() -> None:
     records = load_records(args.n, args.seed)
     for i, rec in enumerate(records):
         print(f"\r[{i + 1}/{len(records)}]", end="", file=sys.stderr, flush=True)
-        ids = hf.encode(json.dumps(rec["instances"][0]), add_special_tokens=False) + [info.stop_token_ids[0]]
+        ids = replay.first_instance_ids(hf, rec) + [info.stop_token_ids[0]]
         t0 = time.perf_counter()
         try:
             m = st.GrammarMatcher(compiler.compile_json_schema(rec["schema"]))

@@ -11,8 +11,6 @@ the states that were classified there (rule, walk length, DFA/Earley time).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,21 +22,19 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from masks import load_records  # noqa: E402
 from peers import load_hf_tokenizer  # noqa: E402
+import replay  # noqa: E402
 
 import stencil as st  # noqa: E402
 from stencil.errors import StencilError  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default="llama3")
-    ap.add_argument("--n", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = replay.arguments(__doc__)
     ap.add_argument("--no-warm-up", action="store_true")
     ap.add_argument("--slowest", type=int, default=15)
     args = ap.parse_args()
 
-    tok_dir = HERE.parent.parent / "shared" / "tokenizers" / args.tokenizer
+    tok_dir = replay.tokenizer_dir(ap, args)
     hf = load_hf_tokenizer(tok_dir)
     info = st.TokenizerInfo.from_file(tok_dir)
     compiler = st.GrammarCompiler(info, warm_up=not args.no_warm_up)
@@ -46,7 +42,7 @@ def main() -> None:
     steps = []  # (wall, cpu, classified, schema id, step, classified-state details)
     ttfm = []
     for rec in load_records(args.n, args.seed):
-        ids = hf.encode(json.dumps(rec["instances"][0]), add_special_tokens=False)
+        ids = replay.first_instance_ids(hf, rec)
         t0 = time.perf_counter()
         try:
             cg = compiler.compile_json_schema(rec["schema"])

@@ -11,8 +11,6 @@ largest number of trie nodes a classification walk visited.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,21 +19,19 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from masks import SHARED, load_records  # noqa: E402
+from masks import load_records  # noqa: E402
 from peers import load_hf_tokenizer  # noqa: E402
+import replay  # noqa: E402
 
 import stencil as st  # noqa: E402
 from stencil.errors import StencilError  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default="llama3")
-    ap.add_argument("--n", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = replay.arguments(__doc__)
     args = ap.parse_args()
 
-    tok_dir = SHARED / "tokenizers" / args.tokenizer
+    tok_dir = replay.tokenizer_dir(ap, args)
     hf = load_hf_tokenizer(tok_dir)
     info = st.TokenizerInfo.from_file(tok_dir)
     compiler = st.GrammarCompiler(info, warm_up=False)
@@ -44,7 +40,7 @@ def main() -> None:
     records = load_records(args.n, args.seed)
     for i, rec in enumerate(records):
         print(f"\r[{i + 1}/{len(records)}]", end="", file=sys.stderr, flush=True)
-        ids = hf.encode(json.dumps(rec["instances"][0]), add_special_tokens=False)
+        ids = replay.first_instance_ids(hf, rec)
         try:
             cg = compiler.compile_json_schema(rec["schema"])
         except StencilError:
