@@ -45,7 +45,7 @@ def main() -> None:
     info = st.TokenizerInfo.from_file(tok_dir)
     compiler = st.GrammarCompiler(info, warm_up=False)
     bitmask = st.allocate_token_bitmask(1, info.vocab_size)
-    rows = []  # (cpu s, states registered, states classified, walk s, most nodes visited)
+    rows = []  # (cpu s, states registered, states classified, walk s, most nodes visited, nodes visited)
     first, eager = [], []  # time to first mask (s), states classified eagerly, per schema
     records = load_records(args.n, args.seed)
     for i, rec in enumerate(records):
@@ -78,7 +78,7 @@ def main() -> None:
             c1 = time.thread_time()
             new = [v for s, v in cache.computed.items() if s not in before]
             rows.append((c1 - c0, cache.n_computed - n_before, len(new), sum(v[0] for v in new),
-                         max([v[1] for v in new] or [0])))
+                         max([v[1] for v in new] or [0]), sum(v[1] for v in new)))
             if not ok:
                 break
     print(file=sys.stderr)
@@ -86,6 +86,8 @@ def main() -> None:
     cpu = a[:, 0] * 1e3
     print(f"{len(a)} steps, CPU ms: p50 {np.percentile(cpu, 50):.4f}  p90 {np.percentile(cpu, 90):.3f}  "
           f"p99 {np.percentile(cpu, 99):.3f}  max {cpu.max():.2f}; under 15 µs: {np.mean(cpu < 0.015):.1%}")
+    print(f"states classified {int(a[:, 2].sum())}, trie nodes walked {int(a[:, 5].sum())}; "
+          f"steps classifying two or more states: {int((a[:, 2] >= 2).sum())}")
     ttfm = np.array(first) * 1e3
     print(f"time to first mask, ms: p50 {np.median(ttfm):.2f}  p90 {np.percentile(ttfm, 90):.1f}" +
           (f"; states classified eagerly per schema: p50 {np.median(eager):.0f}" if args.eager_ms else ""))

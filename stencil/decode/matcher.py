@@ -692,7 +692,8 @@ def _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen):
     These are the *kernel* items' states (origin before the current row: scanned or completed
     here), or the root's start on row 0: every item predicted on this row is re-derived inside
     its kernel ancestor's own sub-chart (see :mod:`stencil.grammar.masks`). Items without edges
-    contribute nothing. Returns (count, how many have no entry yet).
+    contribute nothing, and neither do items another kernel item subsumes (:func:`_drop_subsumed`).
+    Returns (count, how many have no entry yet).
     """
     n0 = meta[0]
     cur = n0 - 1
@@ -702,16 +703,74 @@ def _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen):
         states[0] = G[0][G[9]]
         return 1, 1 if state_entry[states[0]] < 0 else 0
     ns = 0
-    missing = 0
     for k in range(row_ptr[cur], row_ptr[n0]):
         s = st[k]
         if org[k] < cur and flags[s] != 0 and seen[s] != stamp:
             seen[s] = stamp
             states[ns] = s
             ns += 1
-            if state_entry[s] < 0:
-                missing += 1
+    if 2 <= ns <= _SUBSUME_MAX and 2 * ns <= states.shape[0]:
+        ns = _drop_subsumed(G, st, org, row_ptr[cur], row_ptr[n0], cur, flags, states, ns)
+    missing = 0
+    for j in range(ns):
+        if state_entry[states[j]] < 0:
+            missing += 1
     return ns, missing
+
+
+_SUBSUME_MAX = 16  # rows with more kernel states skip the subsumption test (its cost is quadratic)
+
+
+@numba.njit(**_KERNEL)
+def _drop_subsumed(G, st, org, lo, hi, cur, flags, states, ns):
+    """Drop from ``states[:ns]`` each state t whose one kernel item (t, o) another kept kernel item
+    (p, o) subsumes: p has a call edge to t over a nullable rule (the whitespace before a JSON
+    value, an optional part). The closure of (p, o) holds (t, o), so p's sub-chart derives every
+    token t's does and p's cache entry accepts (or leaves uncertain, for the same check) every
+    token t's does: the mask needs no entry for t, and t is not classified on this visit. A state
+    with several kernel items, or covered only by a dropped state, is kept. Returns the new count.
+
+    ``states[len - ns:]`` is scratch: each listed state's kernel origin (-1: several), then -2
+    once dropped.
+    """
+    rule_nullable, edge_ptr, edge_rule, edge_target = G[1], G[4], G[7], G[8]
+    base = states.shape[0] - ns
+    for j in range(ns):
+        states[base + j] = -3  # no kernel item seen yet
+    for k in range(lo, hi):
+        s = st[k]
+        if org[k] >= cur or flags[s] == 0:
+            continue
+        for j in range(ns):
+            if states[j] == s:
+                o = states[base + j]
+                states[base + j] = org[k] if o == -3 else (o if o == org[k] else -1)
+                break
+    dropped = False
+    for j in range(ns):
+        t, o = states[j], states[base + j]
+        if o < 0:
+            continue
+        for i in range(ns):
+            p = states[i]
+            if i == j or states[base + i] != o:  # p dropped (-2), of several origins (-1), or another origin
+                continue
+            for e in range(edge_ptr[p], edge_ptr[p + 1]):
+                r = edge_rule[e]
+                if r >= 0 and rule_nullable[r] != 0 and edge_target[e] == t:
+                    states[base + j] = -2
+                    dropped = True
+                    break
+            if states[base + j] == -2:
+                break
+    if not dropped:
+        return ns
+    m = 0
+    for j in range(ns):
+        if states[base + j] != -2:
+            states[m] = states[j]
+            m += 1
+    return m
 
 
 @numba.njit(**_KERNEL, inline="always")

@@ -426,6 +426,43 @@ def test_bounded_repetitions_near_and_far_from_the_bound():
     assert not m.accept_bytes(('"' + "x" * 73 + '",').encode())  # past the longest alternative
 
 
+def _kernel_states(m: GrammarMatcher) -> list[tuple[int, int]]:
+    """(state, origin) of the kernel items with edges in m's last chart row."""
+    st, org, row_ptr, _, _, meta = m._rec.chart
+    cur = int(meta[0]) - 1
+    flags = m.compiled.mask_cache.flags
+    return [(int(st[k]), int(org[k])) for k in range(row_ptr[cur], row_ptr[cur + 1])
+            if org[k] < cur and flags[st[k]] != 0]
+
+
+def test_kernel_items_subsumed_through_a_nullable_call_get_no_entry():
+    """After `"n":` the row holds the state before the value's whitespace and, through the empty
+    whitespace, the value's first state. The first one's sub-chart derives everything the second's
+    does, so the mask looks up (and classifies) only the first, and stays exact. The value state
+    gets its entry once a token ends inside the whitespace and leaves it on its own."""
+    info = tokenizer("gpt2")
+    cg = GrammarCompiler(info, warm_up=False).compile_json_schema(
+        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    g, cache = cg.grammar, cg.mask_cache
+    m = GrammarMatcher(cg)
+    rng = random.Random(5)
+    assert m.accept_string('{"n":')
+    kernel = _kernel_states(m)
+    pairs = [(p, t) for p, o in kernel for t, o2 in kernel if o2 == o and t != p
+             and any(g.edge_rule[e] >= 0 and g.rule_nullable[g.edge_rule[e]] and g.edge_target[e] == t
+                     for e in range(g.edge_ptr[p], g.edge_ptr[p + 1]))]
+    assert len(pairs) == 1, (kernel, pairs)
+    p, t = pairs[0]
+    check_state(m, rng, True)
+    state_entry = cache.pools[0]
+    assert state_entry[p] >= 0 and state_entry[t] < 0
+    assert m.accept_string(" ")
+    assert t in [s for s, _ in _kernel_states(m)]
+    check_state(m, rng, True)
+    assert cache.pools[0][t] >= 0
+    assert m.accept_string("12}") and m.is_completed()
+
+
 def test_entries_are_shared_across_grammars():
     info = tokenizer("llama2")
     a = GrammarMatcher(bind(_string_grammar("key="), info))
