@@ -730,8 +730,8 @@ def _drop_subsumed(G, st, org, lo, hi, cur, flags, states, ns):
     token t's does: the mask needs no entry for t, and t is not classified on this visit. A state
     with several kernel items, or covered only by a dropped state, is kept. Returns the new count.
 
-    ``states[len - ns:]`` is scratch: each listed state's kernel origin (-1: several), then -2
-    once dropped.
+    ``states[len - ns:]`` is scratch: each listed state's kernel origin (-3 before its first
+    kernel item is seen, -1 when it has several), then -2 once dropped.
     """
     rule_nullable, edge_ptr, edge_rule, edge_target = G[1], G[4], G[7], G[8]
     base = states.shape[0] - ns
