@@ -721,6 +721,17 @@ def _lookup_states(G, flags, st, org, row_ptr, meta, state_entry, states, seen):
 _SUBSUME_MAX = 16  # rows with more kernel states skip the subsumption test (its cost is quadratic)
 
 
+@numba.njit(**_KERNEL, inline="always")
+def _calls_nullable_into(G, p, t):
+    """Has state p a call edge over a nullable rule whose return lands in state t?"""
+    rule_nullable, edge_ptr, edge_rule, edge_target = G[1], G[4], G[7], G[8]
+    for e in range(edge_ptr[p], edge_ptr[p + 1]):
+        r = edge_rule[e]
+        if r >= 0 and rule_nullable[r] != 0 and edge_target[e] == t:
+            return True
+    return False
+
+
 @numba.njit(**_KERNEL)
 def _drop_subsumed(G, st, org, lo, hi, cur, flags, states, ns):
     """Drop from ``states[:ns]`` each state t whose one kernel item (t, o) another kept kernel item
@@ -733,7 +744,6 @@ def _drop_subsumed(G, st, org, lo, hi, cur, flags, states, ns):
     ``states[len - ns:]`` is scratch: each listed state's kernel origin (-3 before its first
     kernel item is seen, -1 when it has several), then -2 once dropped.
     """
-    rule_nullable, edge_ptr, edge_rule, edge_target = G[1], G[4], G[7], G[8]
     base = states.shape[0] - ns
     for j in range(ns):
         states[base + j] = -3  # no kernel item seen yet
@@ -753,15 +763,10 @@ def _drop_subsumed(G, st, org, lo, hi, cur, flags, states, ns):
             continue
         for i in range(ns):
             p = states[i]
-            if i == j or states[base + i] != o:  # p dropped (-2), of several origins (-1), or another origin
-                continue
-            for e in range(edge_ptr[p], edge_ptr[p + 1]):
-                r = edge_rule[e]
-                if r >= 0 and rule_nullable[r] != 0 and edge_target[e] == t:
-                    states[base + j] = -2
-                    dropped = True
-                    break
-            if states[base + j] == -2:
+            # a cover is kept and of the same one origin (not -2 dropped, not -1 several)
+            if i != j and states[base + i] == o and _calls_nullable_into(G, p, t):
+                states[base + j] = -2
+                dropped = True
                 break
     if not dropped:
         return ns
